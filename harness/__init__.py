@@ -1,0 +1,1 @@
+"""Frozen: fetch, patch, build and prove the frozen run state on KVM."""

@@ -1,0 +1,275 @@
+"""Out-of-tree minimal builds of QEMU and libvirt into private prefixes.
+
+A build is identified by a cache key over everything that shapes it (base
+source sums, fix-ups, series bytes, options, this recipe's version); an
+install whose stamp carries the key is reused as is.  ccache is on, with the
+build dir inside the work tree and paths made relative, so the stock, frozen
+and bisect trees share compiled objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import config
+from harness.patches import Tree
+from harness.progress import Progress, say
+
+#: Bump when the recipe changes in a way the options do not show.
+RECIPE_VERSION = "1"
+STAMP = ".frozen-build.json"
+LOG_TAIL_LINES = 40
+
+SEABIOS_DIR = Path("/usr/share/seabios")
+IPXE_DIR = Path("/usr/lib/ipxe/qemu")
+CCACHE_BIN_DIR = Path("/usr/lib/ccache")
+
+
+class BuildError(Exception):
+    """A configure, build or install step failed; carries the log tail and path."""
+
+    def __init__(self, what: str, log: Path):
+        lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:] \
+            if log.exists() else []
+        super().__init__(f"{what} failed; last {len(lines)} lines of {log}:\n" +
+                         "\n".join("  " + ln for ln in lines) + f"\n(full log: {log})")
+        self.log = log
+
+
+def qemu_options() -> list[str]:
+    """configure options for the minimal QEMU the proof needs.
+
+    x86_64 system emulator with KVM and TCG (TCG runs the Linux guest where
+    KVM cannot), user networking, tools (qemu-img, qemu-io, qemu-nbd,
+    qemu-storage-daemon), Linux AIO.  virtio, pvpanic, the watchdogs, qcow2,
+    blkdebug and NBD are in the default device and block driver sets.
+    Blobs are not installed: firmware is laid out from Debian's packages and
+    the option ROMs built from the tree.
+    """
+    return [
+        "--target-list=x86_64-softmmu",
+        "--without-default-features",
+        "--enable-kvm", "--enable-tcg", "--enable-slirp", "--enable-tools",
+        "--enable-linux-aio", "--enable-attr", "--enable-cap-ng",
+        "--disable-docs", "--disable-download", "--disable-install-blobs",
+        "--disable-werror",
+    ]
+
+
+def qemu_configure_args(prefix: Path) -> list[str]:
+    return [f"--python={sys.executable}", f"--prefix={prefix}", *qemu_options()]
+
+
+def libvirt_options(prefix: Path) -> list[str]:
+    """meson options: QEMU driver, virtqemud, remote, virsh, test driver, tests."""
+    return [
+        f"--prefix={prefix}",
+        f"--sysconfdir={prefix}/etc",
+        f"--localstatedir={prefix}/var",
+        f"-Drunstatedir={prefix}/var/run",
+        "--libdir=lib",
+        "-Dbuildtype=debugoptimized",
+        "-Ddriver_qemu=enabled",
+        "-Ddriver_remote=enabled",
+        "-Ddriver_test=enabled",
+        "-Ddriver_libvirtd=enabled",
+        "-Ddriver_network=disabled",
+        "-Ddriver_lxc=disabled",
+        "-Ddriver_ch=disabled",
+        "-Ddriver_vbox=disabled",
+        "-Ddriver_esx=disabled",
+        "-Ddriver_hyperv=disabled",
+        "-Ddriver_openvz=disabled",
+        "-Ddriver_vmware=disabled",
+        "-Ddriver_bhyve=disabled",
+        "-Ddriver_libxl=disabled",
+        "-Ddriver_vz=disabled",
+        "-Dstorage_dir=disabled",
+        "-Ddocs=disabled",
+        "-Dtests=enabled",
+        "-Dqemu_user=root",
+        "-Dqemu_group=root",
+        "-Dwerror=false",
+    ]
+
+
+@dataclass(frozen=True)
+class Install:
+    """A finished, installed build."""
+
+    project: str
+    variant: str
+    key: str
+    prefix: Path
+    tree: Path
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
+    cached: bool = field(default=False, compare=False)
+
+    def bin(self, name: str) -> Path:
+        for sub in ("bin", "sbin"):
+            path = self.prefix / sub / name
+            if path.exists():
+                return path
+        return self.prefix / "bin" / name
+
+    @property
+    def build_dir(self) -> Path:
+        return self.tree / "build"
+
+
+def cache_key(tree: Tree, options: list[str]) -> str:
+    """sha256 over base, fix-ups, series bytes, options and recipe version."""
+    from harness.patches import series_digest
+
+    digest = hashlib.sha256()
+    for part in (tree.project, tree.base.kind, tree.base.ident, "\n".join(tree.base.fixups),
+                 series_digest(list(tree.patches)), "\0".join(options), RECIPE_VERSION):
+        digest.update(part.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def build_env(tree: Path) -> dict[str, str]:
+    """Environment for configure and build: ccache with tree-relative paths."""
+    env = dict(os.environ)
+    # The venv's bin first: configure and meson find its meson >= 1.5.
+    path = [str(Path(sys.executable).parent), *env.get("PATH", "").split(os.pathsep)]
+    if CCACHE_BIN_DIR.is_dir():
+        path.insert(0, str(CCACHE_BIN_DIR))
+    env["PATH"] = os.pathsep.join(path)
+    env.setdefault("CCACHE_DIR", str(config.cache_root() / "ccache"))
+    env["CCACHE_BASEDIR"] = str(tree)
+    env["CCACHE_NOHASHDIR"] = "1"
+    env.setdefault("CCACHE_MAXSIZE", "6G")
+    env["LC_ALL"] = "C"
+    return env
+
+
+def run_logged(cmd: list[str], log: Path, env: dict[str, str], label: str,
+                cwd: Path | None = None) -> float:
+    """Run `cmd` with output to `log`, showing ninja's [n/m] as progress."""
+    progress = Progress(label, None, step=10)
+    start = time.monotonic()
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env, cwd=cwd, errors="replace")
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            match = re.match(r"\[(\d+)/(\d+)\]", line)
+            if match:
+                progress.update(int(match.group(1)), int(match.group(2)))
+        rc = proc.wait()
+    if rc != 0:
+        raise BuildError(f"{label} (exit {rc})", log)
+    return time.monotonic() - start
+
+
+def install_prefix(project: str, variant: str, key: str) -> Path:
+    return config.cache_root() / "installs" / f"{project}-{variant}-{key[:16]}"
+
+
+def _read_stamp(prefix: Path) -> dict | None:
+    try:
+        return json.loads((prefix / STAMP).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _layout_firmware(build_dir: Path, prefix: Path) -> None:
+    """One firmware dir, <prefix>/share/qemu, so QEMU needs no -L.
+
+    SeaBIOS and iPXE come from Debian's packages (linked), the x86 option
+    ROMs from this tree's own pc-bios/optionrom build (copied).
+    """
+    datadir = prefix / "share" / "qemu"
+    datadir.mkdir(parents=True, exist_ok=True)
+    for src_dir, pattern in ((SEABIOS_DIR, "*.bin"), (IPXE_DIR, "*.rom")):
+        if not src_dir.is_dir():
+            raise BuildError(f"firmware layout: {src_dir} is missing (install Debian's "
+                             "seabios and ipxe-qemu)", build_dir / "build.log")
+        for blob in src_dir.glob(pattern):
+            link = datadir / blob.name
+            if not link.exists():
+                link.symlink_to(blob.resolve())
+    roms = list((build_dir / "pc-bios" / "optionrom").glob("*.bin"))
+    if not roms:
+        raise BuildError("the x86 option ROMs were not built (is gcc-multilib installed?)",
+                         build_dir / "build.log")
+    for rom in roms:
+        shutil.copy2(rom, datadir / rom.name)
+
+
+def build(tree: Tree, *, jobs: int | None = None) -> Install:
+    """Build and install `tree`, or reuse the install with the same key."""
+    jobs = jobs or os.cpu_count() or 2
+    if tree.project == "qemu":
+        options = qemu_options()
+    elif tree.project == "libvirt":
+        options = libvirt_options(Path("<prefix>"))
+    else:
+        raise BuildError(f"{tree.project} is not built", tree.path / "build.log")
+    key = cache_key(tree, options)
+    prefix = install_prefix(tree.project, tree.variant, key)
+    stamp = _read_stamp(prefix)
+    if stamp and stamp.get("key") == key:
+        say(f"{tree.project} ({tree.variant}): cache hit {prefix}")
+        return Install(tree.project, tree.variant, key, prefix, tree.path,
+                       stamp.get("timings", {}), cached=True)
+
+    build_dir = tree.build_dir
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log = build_dir / "frozen-build.log"
+    log.write_text("")
+    env = build_env(tree.path)
+    timings: dict[str, float] = {}
+    if prefix.exists():
+        shutil.rmtree(prefix)
+    say(f"building {tree.project} ({tree.variant}, {len(tree.patches)} patches) "
+        f"with {jobs} jobs; log: {log}")
+    if tree.project == "qemu":
+        timings["configure"] = run_logged(
+            [str(tree.path / "configure"), *qemu_configure_args(prefix)],
+            log, env, "configure qemu", cwd=build_dir)
+        timings["build"] = run_logged(["make", "-C", str(build_dir), f"-j{jobs}"],
+                                       log, env, "build qemu")
+        timings["install"] = run_logged(["make", "-C", str(build_dir), "install"],
+                                         log, env, "install qemu")
+        _layout_firmware(build_dir, prefix)
+    else:
+        # A warm build dir (series re-applied) is reconfigured, not wiped.
+        reconfigure = ["--reconfigure"] if (build_dir / "build.ninja").exists() else []
+        setup = ["meson", "setup", *reconfigure, str(build_dir), str(tree.path),
+                 *libvirt_options(prefix)]
+        timings["configure"] = run_logged(setup, log, env, "configure libvirt")
+        timings["build"] = run_logged(["ninja", "-C", str(build_dir), f"-j{jobs}"],
+                                       log, env, "build libvirt")
+        timings["install"] = run_logged(["meson", "install", "-C", str(build_dir),
+                                          "--no-rebuild", "--quiet"],
+                                         log, env, "install libvirt")
+    (prefix / STAMP).write_text(json.dumps({
+        "key": key, "project": tree.project, "variant": tree.variant,
+        "base": tree.base.description, "patches": [p.name for p in tree.patches],
+        "timings": timings, "jobs": jobs, "built_at": time.time(),
+    }, indent=1))
+    _prune(tree.project, tree.variant, keep=prefix)
+    say(f"{tree.project} ({tree.variant}) installed in {prefix} "
+        f"({sum(timings.values()):.0f} s)")
+    return Install(tree.project, tree.variant, key, prefix, tree.path, timings)
+
+
+def _prune(project: str, variant: str, keep: Path) -> None:
+    """Drop older installs of the same project and variant (disk stays bounded)."""
+    for old in keep.parent.glob(f"{project}-{variant}-*"):
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,156 @@
+"""Gates a maintainer runs before a series leaves: each returns per-patch results.
+
+* checkpatch: QEMU's own scripts/checkpatch.pl, 0 errors and 0 warnings;
+* shape: subject <= 76 chars with a subsystem prefix, a body, Signed-off-by;
+* bisect: every prefix of the series builds (incremental, ccache).
+
+A bisect result is cached by content (base, series prefix, options): an
+unchanged series is not rebuilt, a changed one always is.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import hashlib
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import build, config
+from harness.patches import Tree, series_digest
+from harness.progress import say
+
+SUBJECT_MAX = 76
+SUBJECT_RE = re.compile(r"^\[PATCH[^\]]*\]\s*(?P<subject>.*)$", re.S)
+PREFIX_RE = re.compile(r"^[A-Za-z0-9_./+-]+(?:, ?[A-Za-z0-9_./+-]+)*: \S")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    patch: str
+    ok: bool
+    detail: str = ""
+    skipped: bool = False
+
+
+def _subject(message: email.message.Message) -> str:
+    raw = " ".join(str(message.get("Subject", "")).split())
+    match = SUBJECT_RE.match(raw)
+    return match.group("subject").strip() if match else raw
+
+
+def shape(patch: Path) -> GateResult:
+    """Commit message shape as QEMU's and libvirt's submission docs ask."""
+    message = email.message_from_bytes(patch.read_bytes(), policy=email.policy.compat32)
+    subject = _subject(message)
+    payload = message.get_payload(decode=True) or b""
+    body = payload.decode(errors="replace").split("\n---\n", 1)[0]
+    problems = []
+    if len(subject) > SUBJECT_MAX:
+        problems.append(f"subject is {len(subject)} chars (> {SUBJECT_MAX})")
+    if not PREFIX_RE.match(subject):
+        problems.append(f"subject {subject!r} lacks a 'subsystem: ' prefix")
+    text = [ln for ln in body.splitlines() if ln.strip() and not ln.startswith("Signed-off-by:")]
+    if not text:
+        problems.append("no commit message body")
+    if not re.search(r"^Signed-off-by: .+ <[^>]+>$", body, re.M):
+        problems.append("no Signed-off-by line")
+    return GateResult("shape", patch.name, not problems, "; ".join(problems))
+
+
+def checkpatch(tree: Path, patch: Path) -> GateResult:
+    """QEMU's scripts/checkpatch.pl on one patch file: 0 errors, 0 warnings."""
+    script = tree / "scripts" / "checkpatch.pl"
+    proc = subprocess.run(["perl", str(script), "--no-color", str(patch)], cwd=tree,
+                          capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    total = re.search(r"total: (\d+) errors, (\d+) warnings", out)
+    if not total:
+        return GateResult("checkpatch", patch.name, False, out.strip()[-1500:])
+    errors, warnings = int(total.group(1)), int(total.group(2))
+    ok = errors == 0 and warnings == 0 and proc.returncode == 0
+    findings = "\n".join(ln for ln in out.splitlines() if ln.startswith(("ERROR", "WARNING")))
+    return GateResult("checkpatch", patch.name, ok,
+                      f"{errors} errors, {warnings} warnings" + (f"\n{findings}" if findings
+                                                                 else ""))
+
+
+def _bisect_stamp_dir() -> Path:
+    path = config.cache_root() / "gates"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def bisect(tree: Tree, *, jobs: int | None = None) -> list[GateResult]:
+    """Build every prefix of the series in one incremental build dir.
+
+    The full series is the regular build, so prefixes 1..N-1 are built here,
+    in a separate work tree whose build dir shares ccache with the others.
+    """
+    results = []
+    commits = subprocess.run(
+        ["git", "-C", str(tree.path), "rev-list", "--reverse", "fixups..HEAD"],
+        check=True, capture_output=True, text=True).stdout.split()
+    if len(commits) != len(tree.patches):
+        raise build.BuildError(f"{tree.path}: {len(commits)} commits for "
+                               f"{len(tree.patches)} patches", tree.path / "build.log")
+    options = build.qemu_options() if tree.project == "qemu" else \
+        build.libvirt_options(Path("<prefix>"))
+    bisect_tree = config.cache_root() / "trees" / f"{tree.project}-bisect"
+    for index, (commit, patch) in enumerate(zip(commits, tree.patches, strict=True), 1):
+        if index == len(commits):
+            results.append(GateResult("bisect", patch.name, True,
+                                      "full series: built by the regular build"))
+            continue
+        key = hashlib.sha256((series_digest(list(tree.patches[:index])) + tree.base.ident +
+                              "\0".join(options) + build.RECIPE_VERSION).encode()).hexdigest()
+        stamp = _bisect_stamp_dir() / f"{tree.project}-{key[:16]}.json"
+        cached = json.loads(stamp.read_text()) if stamp.exists() else None
+        if cached and cached.get("key") == key:
+            results.append(GateResult("bisect", patch.name, cached["ok"],
+                                      cached["detail"] + " (cached result)"))
+            continue
+        say(f"bisect {tree.project}: building patch {index}/{len(commits)} {patch.name}")
+        result = _build_commit(tree, bisect_tree, commit, patch, jobs)
+        stamp.write_text(json.dumps({"key": key, "ok": result.ok, "detail": result.detail}))
+        results.append(result)
+    return results
+
+
+def _build_commit(tree: Tree, bisect_tree: Path, commit: str, patch: Path,
+                  jobs: int | None) -> GateResult:
+    if not (bisect_tree / ".git").exists():
+        subprocess.run(["git", "clone", "--quiet", "--shared", str(tree.path),
+                        str(bisect_tree)], check=True)
+        (bisect_tree / ".git" / "info" / "exclude").write_text("/build/\n")
+    subprocess.run(["git", "-C", str(bisect_tree), "fetch", "--quiet", str(tree.path), commit],
+                   check=True)
+    subprocess.run(["git", "-C", str(bisect_tree), "checkout", "--quiet", "--force", commit],
+                   check=True)
+    build_dir = bisect_tree / "build"
+    build_dir.mkdir(exist_ok=True)
+    log = build_dir / f"bisect-{patch.stem}.log"
+    log.write_text("")
+    env = build.build_env(bisect_tree)
+    jobs = jobs or 2
+    try:
+        if tree.project == "qemu":
+            if not (build_dir / "build.ninja").exists():
+                build.run_logged([str(bisect_tree / "configure"), *build.qemu_configure_args(
+                    bisect_tree / "prefix-unused")], log, env, "bisect configure", cwd=build_dir)
+            build.run_logged(["make", "-C", str(build_dir), f"-j{jobs}"], log, env,
+                             f"bisect build {patch.name}")
+        else:
+            if not (build_dir / "build.ninja").exists():
+                build.run_logged(["meson", "setup", str(build_dir), str(bisect_tree),
+                                  *build.libvirt_options(bisect_tree / "prefix-unused")],
+                                 log, env, "bisect configure")
+            build.run_logged(["ninja", "-C", str(build_dir), f"-j{jobs}"], log, env,
+                             f"bisect build {patch.name}")
+    except build.BuildError as exc:
+        return GateResult("bisect", patch.name, False, str(exc))
+    return GateResult("bisect", patch.name, True, "builds")

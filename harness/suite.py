@@ -1,0 +1,235 @@
+"""The project's test suite, stage by stage, as `frozen test` runs it.
+
+Stages: lint, unit tests, builds (stock and frozen QEMU, frozen libvirt),
+integration tests against the installs, gates on the series (shape,
+checkpatch, bisect build), QEMU's own in-tree tests of the series, and the
+avocado functional tests on KVM.  Every stage writes JUnit XML; the closing
+line sums them, and the exit status is non-zero if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import build, config, gates, patches
+from harness.progress import say
+
+
+@dataclass
+class Counts:
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def add(self, other: Counts) -> None:
+        self.passed += other.passed
+        self.failed += other.failed
+        self.skipped += other.skipped
+        self.failures += other.failures
+
+
+def junit_counts(path: Path) -> Counts:
+    """Counts from a JUnit XML file (pytest, avocado, meson and our own)."""
+    counts = Counts()
+    if not path.exists():
+        counts.failed = 1
+        counts.failures.append(f"{path.name}: no results written")
+        return counts
+    root = ET.parse(path).getroot()
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}".strip(":")
+        if case.find("failure") is not None or case.find("error") is not None:
+            counts.failed += 1
+            counts.failures.append(name)
+        elif case.find("skipped") is not None:
+            counts.skipped += 1
+        else:
+            counts.passed += 1
+    return counts
+
+
+def write_junit(path: Path, suite: str, results: list[gates.GateResult]) -> None:
+    root = ET.Element("testsuite", name=suite, tests=str(len(results)))
+    for result in results:
+        case = ET.SubElement(root, "testcase", classname=f"{suite}.{result.gate}",
+                             name=result.patch)
+        if result.skipped:
+            ET.SubElement(case, "skipped", message=result.detail)
+        elif not result.ok:
+            ET.SubElement(case, "failure", message=result.detail[:200]).text = result.detail
+    ET.ElementTree(root).write(path, encoding="unicode")
+
+
+def _venv_tool(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+    say("$ " + " ".join(cmd))
+    return subprocess.run(cmd, env=env, cwd=cwd).returncode
+
+
+class Suite:
+    def __init__(self, results_dir: Path):
+        self.dir = results_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.total = Counts()
+        self.stages: list[tuple[str, Counts, float]] = []
+
+    def record(self, stage: str, counts: Counts, started: float) -> None:
+        self.total.add(counts)
+        self.stages.append((stage, counts, time.monotonic() - started))
+
+    def junit(self, name: str) -> Path:
+        path = self.dir / f"{name}.xml"
+        path.unlink(missing_ok=True)
+        return path
+
+    def summary(self) -> str:
+        lines = ["", "stage                 passed  failed  skipped   time"]
+        for stage, c, secs in self.stages:
+            lines.append(f"{stage:20s} {c.passed:7d} {c.failed:7d} {c.skipped:8d} {secs:6.0f} s")
+        if self.total.failures:
+            lines.append("failed:")
+            lines += [f"  {f}" for f in self.total.failures]
+        lines.append(f"results: {self.dir}")
+        lines.append(f"{self.total.passed} passed, {self.total.failed} failed, "
+                     f"{self.total.skipped} skipped")
+        return "\n".join(lines)
+
+
+def stage_lint(suite: Suite) -> None:
+    start = time.monotonic()
+    rc = _run([_venv_tool("ruff"), "check", str(config.repo_root() / "harness"),
+               str(config.repo_root() / "tests")])
+    counts = Counts(passed=int(rc == 0), failed=int(rc != 0),
+                    failures=[] if rc == 0 else ["ruff check"])
+    suite.record("lint", counts, start)
+
+
+def stage_pytest(suite: Suite, name: str, path: Path, env: dict[str, str]) -> None:
+    start = time.monotonic()
+    junit = suite.junit(name)
+    rc = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               f"--junitxml={junit}", str(path)], env=env)
+    counts = junit_counts(junit)
+    if rc not in (0, 1) and not counts.failed:  # usage error, collection crash ...
+        counts.failed += 1
+        counts.failures.append(f"pytest {path} exited {rc}")
+    suite.record(name, counts, start)
+
+
+def stage_builds(suite: Suite, args: argparse.Namespace) -> dict[tuple[str, str], build.Install]:
+    from harness.cli import build_all
+
+    start = time.monotonic()
+    results = []
+    installs: dict[tuple[str, str], build.Install] = {}
+    try:
+        installs = build_all(args)
+        for (project, variant), install in installs.items():
+            results.append(gates.GateResult("build", f"{project}-{variant}", True,
+                                            str(install.prefix)))
+    except (build.BuildError, patches.PatchError, patches.SeriesError) as exc:
+        results.append(gates.GateResult("build", "builds", False, str(exc)))
+        print(f"frozen: error: {exc}", file=sys.stderr)
+    junit = suite.junit("builds")
+    write_junit(junit, "builds", results)
+    suite.record("builds", junit_counts(junit), start)
+    return installs
+
+
+def stage_gates(suite: Suite, args: argparse.Namespace) -> None:
+    start = time.monotonic()
+    results: list[gates.GateResult] = []
+    for project in config.BUILT_PROJECTS:
+        series = patches.series(project)
+        results += [gates.shape(p) for p in series]
+        if project == "qemu" and series:
+            tree = patches.tree_path("qemu", "frozen")
+            results += [gates.checkpatch(tree, p) for p in series]
+        if series:
+            tree_obj = patches.prepare(project, "frozen", local=getattr(args, f"{project}_src"))
+            try:
+                results += gates.bisect(tree_obj, jobs=args.jobs)
+            except build.BuildError as exc:
+                results.append(gates.GateResult("bisect", project, False, str(exc)))
+    for r in results:
+        if not r.ok:
+            print(f"frozen: gate {r.gate} failed for {r.patch}: {r.detail}", file=sys.stderr)
+    junit = suite.junit("gates")
+    write_junit(junit, "gates", results)
+    suite.record("gates", junit_counts(junit), start)
+
+
+def stage_qemu_in_tree(suite: Suite, install: build.Install | None) -> None:
+    """QEMU's own tests added by the series, run by meson in the frozen tree."""
+    start = time.monotonic()
+    junit = suite.junit("qemu-in-tree")
+    if install is None:
+        suite.record("qemu-in-tree", Counts(failed=1, failures=["no frozen QEMU build"]), start)
+        return
+    tests = [t for t in ("qtest-x86_64/frozen-test",) if _meson_has_test(install, t)]
+    functional = install.tree / "tests" / "functional" / "x86_64" / "test_frozen.py"
+    if not tests and not functional.exists():
+        say("the QEMU series adds no in-tree tests yet")
+        suite.record("qemu-in-tree", Counts(), start)
+        return
+    env = build.build_env(install.tree)
+    env["QEMU_TEST_NO_DOWNLOAD"] = "1"
+    names = list(tests)
+    if functional.exists():
+        names.append("func-x86_64-frozen")
+    rc = _run(["meson", "test", "-C", str(install.build_dir), "--no-rebuild", "--print-errorlogs",
+               *names], env=env)
+    if rc != 0 and (install.build_dir / "meson-logs" / "testlog.junit.xml").exists() is False:
+        suite.record("qemu-in-tree", Counts(failed=1, failures=["meson test"]), start)
+        return
+    shutil.copy(install.build_dir / "meson-logs" / "testlog.junit.xml", junit)
+    suite.record("qemu-in-tree", junit_counts(junit), start)
+
+
+def _meson_has_test(install: build.Install, name: str) -> bool:
+    proc = subprocess.run(["meson", "test", "-C", str(install.build_dir), "--list"],
+                          capture_output=True, text=True, env=build.build_env(install.tree))
+    return any(line.strip().endswith(name) for line in proc.stdout.splitlines())
+
+
+def stage_functional(suite: Suite, env: dict[str, str]) -> None:
+    start = time.monotonic()
+    junit = suite.junit("functional")
+    rc = _run([_venv_tool("avocado"), "run", "--job-results-dir", str(suite.dir / "avocado"),
+               "--xunit", str(junit), str(config.repo_root() / "tests" / "functional")], env=env)
+    counts = junit_counts(junit)
+    if rc != 0 and not counts.failed:
+        counts.failed += 1
+        counts.failures.append(f"avocado exited {rc}")
+    suite.record("functional", counts, start)
+
+
+def run(args: argparse.Namespace) -> int:
+    suite = Suite(config.cache_root() / "results" / time.strftime("%Y%m%d-%H%M%S"))
+    env = dict(os.environ)
+    stage_lint(suite)
+    stage_pytest(suite, "unit", config.repo_root() / "tests" / "unit", env)
+    installs = stage_builds(suite, args)
+    for (project, variant), install in installs.items():
+        suffix = "" if variant == "frozen" else "_STOCK"
+        env[f"FROZEN_{project.upper()}{suffix}"] = str(install.prefix)
+    if installs:
+        stage_pytest(suite, "integration", config.repo_root() / "tests" / "integration", env)
+        stage_gates(suite, args)
+        stage_qemu_in_tree(suite, installs.get(("qemu", "frozen")))
+        stage_functional(suite, env)
+    print(suite.summary())
+    return 0 if suite.total.failed == 0 and suite.total.passed > 0 else 1

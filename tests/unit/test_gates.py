@@ -1,0 +1,69 @@
+"""gates: commit message shape; suite: JUnit counting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness import gates, suite
+
+GOOD = """\
+From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001
+From: Seed maintainers <maintainers@example.invalid>
+Date: Wed, 25 Nov 2026 18:00:00 +0000
+Subject: [PATCH 01/11] qapi: add the frozen run state
+
+A frozen VM never runs again and never modifies external resources.
+
+Signed-off-by: Seed maintainers <maintainers@example.invalid>
+---
+ qapi/run-state.json | 1 +
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "0001.patch"
+    path.write_text(text)
+    return path
+
+
+def test_good_patch_passes(tmp_path: Path) -> None:
+    result = gates.shape(_write(tmp_path, GOOD))
+    assert result.ok, result.detail
+
+
+@pytest.mark.parametrize(("old", "new", "problem"), [
+    ("qapi: add the frozen run state", "qapi: " + "x" * 80, "chars"),
+    ("qapi: add the frozen run state", "add the frozen run state", "prefix"),
+    ("Signed-off-by: Seed maintainers <maintainers@example.invalid>\n", "", "Signed-off-by"),
+    ("A frozen VM never runs again and never modifies external resources.\n", "", "body"),
+])
+def test_shape_problems_are_named(tmp_path: Path, old: str, new: str, problem: str) -> None:
+    result = gates.shape(_write(tmp_path, GOOD.replace(old, new)))
+    assert not result.ok
+    assert problem in result.detail
+
+
+def test_folded_subject_is_measured_whole(tmp_path: Path) -> None:
+    # format-patch folds long subjects over two header lines.
+    short = GOOD.replace("qapi: add the frozen run state",
+                         "qapi: add the frozen run state and\n its documentation")
+    assert gates.shape(_write(tmp_path, short)).ok
+    long = GOOD.replace("qapi: add the frozen run state",
+                        "qapi: add the frozen run state, its transitions and\n"
+                        " the FreezeReason enum for every trigger")
+    result = gates.shape(_write(tmp_path, long))
+    assert not result.ok and "91 chars" in result.detail
+
+
+def test_junit_counts_and_missing_file(tmp_path: Path) -> None:
+    results = [gates.GateResult("g", "a", True), gates.GateResult("g", "b", False, "bad"),
+               gates.GateResult("g", "c", True, "later", skipped=True)]
+    path = tmp_path / "r.xml"
+    suite.write_junit(path, "gates", results)
+    counts = suite.junit_counts(path)
+    assert (counts.passed, counts.failed, counts.skipped) == (1, 1, 1)
+    assert counts.failures == ["gates.g::b"]
+    missing = suite.junit_counts(tmp_path / "none.xml")
+    assert missing.failed == 1, "a stage that wrote no results counts as failed"
