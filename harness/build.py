@@ -25,7 +25,7 @@ from harness.patches import Tree
 from harness.progress import Progress, say
 
 #: Bump when the recipe changes in a way the options do not show.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 STAMP = ".frozen-build.json"
 LOG_TAIL_LINES = 40
 
@@ -70,34 +70,37 @@ def qemu_configure_args(prefix: Path) -> list[str]:
 
 
 def libvirt_options(prefix: Path) -> list[str]:
-    """meson options: QEMU driver, virtqemud, remote, virsh, test driver, tests."""
+    """meson options: QEMU driver, virtqemud, remote, virsh, test driver, tests.
+
+    sysconfdir, localstatedir and runstatedir stay inside the prefix, so the
+    private virtqemud and the prefix's virsh agree on the socket and nothing
+    on the host is touched.
+    """
+    disabled = (
+        "driver_bhyve", "driver_esx", "driver_hyperv", "driver_interface", "driver_libxl",
+        "driver_lxc", "driver_ch", "driver_network", "driver_openvz", "driver_secrets",
+        "driver_vbox", "driver_vmware", "driver_vz",
+        "storage_dir", "storage_disk", "storage_fs", "storage_gluster", "storage_iscsi",
+        "storage_iscsi_direct", "storage_lvm", "storage_mpath", "storage_rbd", "storage_scsi",
+        "storage_vstorage", "storage_zfs",
+        "docs", "expensive_tests", "nss", "wireshark_dissector", "sanlock", "polkit",
+        "firewalld", "bash_completion", "apparmor", "secdriver_apparmor", "nbdkit",
+        "glusterfs", "libiscsi", "host_validate", "sysctl_config",
+    )
     return [
         f"--prefix={prefix}",
         f"--sysconfdir={prefix}/etc",
         f"--localstatedir={prefix}/var",
         f"-Drunstatedir={prefix}/var/run",
         "--libdir=lib",
-        "-Dbuildtype=debugoptimized",
-        "-Ddriver_qemu=enabled",
-        "-Ddriver_remote=enabled",
-        "-Ddriver_test=enabled",
-        "-Ddriver_libvirtd=enabled",
-        "-Ddriver_network=disabled",
-        "-Ddriver_lxc=disabled",
-        "-Ddriver_ch=disabled",
-        "-Ddriver_vbox=disabled",
-        "-Ddriver_esx=disabled",
-        "-Ddriver_hyperv=disabled",
-        "-Ddriver_openvz=disabled",
-        "-Ddriver_vmware=disabled",
-        "-Ddriver_bhyve=disabled",
-        "-Ddriver_libxl=disabled",
-        "-Ddriver_vz=disabled",
-        "-Dstorage_dir=disabled",
-        "-Ddocs=disabled",
-        "-Dtests=enabled",
         "-Dqemu_user=root",
         "-Dqemu_group=root",
+        # driver_libvirtd builds the modular daemons, virtqemud among them.
+        *(f"-D{d}=enabled" for d in ("driver_qemu", "driver_libvirtd", "driver_remote",
+                                       "driver_test")),
+        *(f"-D{d}=disabled" for d in disabled),
+        "-Dtests=enabled",
+        "-Dinit_script=none",
         "-Dwerror=false",
     ]
 
@@ -172,11 +175,17 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str], label: str,
         rc = proc.wait()
     if rc != 0:
         raise BuildError(f"{label} (exit {rc})", log)
+    progress.finish()
     return time.monotonic() - start
 
 
-def install_prefix(project: str, variant: str, key: str) -> Path:
-    return config.cache_root() / "installs" / f"{project}-{variant}-{key[:16]}"
+def install_prefix(project: str, variant: str) -> Path:
+    """One prefix per project and variant; the stamp in it says which key.
+
+    The prefix is compiled into QEMU (config-host.h): keeping it stable is
+    what makes a rebuild after a series change incremental.
+    """
+    return config.cache_root() / "installs" / f"{project}-{variant}"
 
 
 def _read_stamp(prefix: Path) -> dict | None:
@@ -210,6 +219,25 @@ def _layout_firmware(build_dir: Path, prefix: Path) -> None:
         shutil.copy2(rom, datadir / rom.name)
 
 
+def _install_api_xml(src: Path, build_dir: Path, prefix: Path, log: Path,
+                     env: dict[str, str]) -> None:
+    """libvirt-api.xml and friends, which libvirt-python is generated from.
+
+    meson makes them only with docs enabled (which needs rst2html5); the
+    tree's own apibuild.py makes the same files from the headers.
+    """
+    out = build_dir / "docs"
+    out.mkdir(exist_ok=True)
+    run_logged([sys.executable, str(src / "scripts" / "apibuild.py"), str(src / "docs"),
+                str(out)], log, env, "generate libvirt API XML")
+    api_dir = prefix / "share" / "libvirt" / "api"
+    api_dir.mkdir(parents=True, exist_ok=True)
+    for xml in out.glob("libvirt-*api.xml"):
+        shutil.copy2(xml, api_dir / xml.name)
+    if not (api_dir / "libvirt-api.xml").exists():
+        raise BuildError("apibuild.py wrote no libvirt-api.xml", log)
+
+
 def build(tree: Tree, *, jobs: int | None = None) -> Install:
     """Build and install `tree`, or reuse the install with the same key."""
     jobs = jobs or os.cpu_count() or 2
@@ -220,7 +248,7 @@ def build(tree: Tree, *, jobs: int | None = None) -> Install:
     else:
         raise BuildError(f"{tree.project} is not built", tree.path / "build.log")
     key = cache_key(tree, options)
-    prefix = install_prefix(tree.project, tree.variant, key)
+    prefix = install_prefix(tree.project, tree.variant)
     stamp = _read_stamp(prefix)
     if stamp and stamp.get("key") == key:
         say(f"{tree.project} ({tree.variant}): cache hit {prefix}")
@@ -233,6 +261,9 @@ def build(tree: Tree, *, jobs: int | None = None) -> Install:
     log.write_text("")
     env = build_env(tree.path)
     timings: dict[str, float] = {}
+    # No stamp while the prefix is being replaced: an interrupted build is
+    # never taken for a finished one.
+    (prefix / STAMP).unlink(missing_ok=True)
     if prefix.exists():
         shutil.rmtree(prefix)
     say(f"building {tree.project} ({tree.variant}, {len(tree.patches)} patches) "
@@ -257,19 +288,12 @@ def build(tree: Tree, *, jobs: int | None = None) -> Install:
         timings["install"] = run_logged(["meson", "install", "-C", str(build_dir),
                                           "--no-rebuild", "--quiet"],
                                          log, env, "install libvirt")
+        _install_api_xml(tree.path, build_dir, prefix, log, env)
     (prefix / STAMP).write_text(json.dumps({
         "key": key, "project": tree.project, "variant": tree.variant,
         "base": tree.base.description, "patches": [p.name for p in tree.patches],
         "timings": timings, "jobs": jobs, "built_at": time.time(),
     }, indent=1))
-    _prune(tree.project, tree.variant, keep=prefix)
     say(f"{tree.project} ({tree.variant}) installed in {prefix} "
         f"({sum(timings.values()):.0f} s)")
     return Install(tree.project, tree.variant, key, prefix, tree.path, timings)
-
-
-def _prune(project: str, variant: str, keep: Path) -> None:
-    """Drop older installs of the same project and variant (disk stays bounded)."""
-    for old in keep.parent.glob(f"{project}-{variant}-*"):
-        if old != keep:
-            shutil.rmtree(old, ignore_errors=True)

@@ -7,6 +7,8 @@
     verify    boot the probe guest on KVM, freeze it by every trigger, print a table
     all       fetch, apply, build, verify: the packager's proof
     test      the project's test suite (what CI runs)
+    export    the series for Debian (DEP-3), RPM (spec snippet) or the list (mail)
+    check     the gates: commit shape, checkpatch, Debian tree apply, bisect build
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import build, config, patches, sources
+from harness import build, config, distro, export, gates, patches, sources
 from harness.progress import say
 
 
@@ -111,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("apply", help="work tree with the series applied")
-    p.add_argument("--project", choices=config.BUILT_PROJECTS, required=True)
+    p.add_argument("--project", choices=config.PROJECTS, required=True)
     p.add_argument("--variant", choices=patches.VARIANTS, default="frozen")
     p.add_argument("--tree", type=Path, help="work tree location (default: in the cache)")
     p.add_argument("--force", action="store_true",
@@ -120,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("refresh", help="regenerate the patch files from the work tree")
-    p.add_argument("--project", choices=config.BUILT_PROJECTS, required=True)
+    p.add_argument("--project", choices=config.PROJECTS, required=True)
     p.add_argument("--tree", type=Path, help="work tree location (default: in the cache)")
     p.set_defaults(func=cmd_refresh)
 
@@ -136,7 +138,176 @@ def parser() -> argparse.ArgumentParser:
                        help="discard work-tree changes that are not in the series")
         _add_source_args(p)
         p.set_defaults(func=func)
+    add_packaging_commands(sub)
     return top
+
+
+# --------------------------------------------------------------------------
+# export and check: the packager's and the upstream submitter's commands
+
+
+def _print_outcomes(title: str, outcomes: list[distro.Outcome]) -> None:
+    print(title)
+    if not outcomes:
+        print("  (no patches of ours to apply: the series is empty)")
+    for o in outcomes:
+        extra = ": " + "; ".join(o.offsets) if o.offsets else ""
+        print(f"  {o.patch}: {o.status}{extra}")
+        if o.detail and not o.ok:
+            print("    " + o.detail.replace("\n", "\n    "))
+
+
+def _export_debian(args: argparse.Namespace) -> int:
+    files = patches.series(args.project)
+    written = export.export_debian(files, args.dir, args.forwarded)
+    print(f"{len(written)} DEP-3 patch(es) in {args.dir / export.DEBIAN_SUBDIR}, "
+          f"series fragment {args.dir / 'series'}")
+    if args.no_verify:
+        return 0
+    check = export.verify_debian(args.project, args.dir)
+    _print_outcomes(f"quilt push -a --fuzz=0 on the Debian source tree of {args.project}: "
+                    f"Debian's {check.debian_patches} patches, then ours:", check.ours)
+    print(f"quilt applied {len(check.applied)} patches "
+          f"({check.debian_patches} Debian + {len(check.applied) - check.debian_patches} ours)")
+    return 0 if check.ok else 1
+
+
+def _export_rpm(args: argparse.Namespace) -> int:
+    files = patches.series(args.project)
+    snippet = export.export_rpm(files, args.dir, args.project, args.first)
+    print(f"{len(files)} patch file(s) and {snippet}")
+    if args.no_verify:
+        return 0
+    outcomes = export.verify_rpm(args.project, args.dir)
+    _print_outcomes(f"patch -p1 --fuzz=0 in spec order on the pinned {args.project} "
+                    f"orig tarball:", outcomes)
+    return 0 if len(outcomes) == len(files) and all(o.ok for o in outcomes) else 1
+
+
+def latest_test_summary() -> str:
+    """Per-stage counts of the newest `frozen test` run here, for the cover letter."""
+    from harness import suite
+
+    root = config.cache_root() / "results"
+    runs = sorted(p for p in root.glob("*") if p.is_dir() and any(p.glob("*.xml"))) \
+        if root.is_dir() else []
+    if not runs:
+        return ""
+    lines = [f"`frozen test` results of run {runs[-1].name} on the exporting machine:"]
+    for xml in sorted(runs[-1].glob("*.xml")):
+        counts = suite.junit_counts(xml)
+        lines.append(f"- {xml.stem}: {counts.passed} passed, {counts.failed} failed, "
+                     f"{counts.skipped} skipped")
+    return "\n".join(lines) + "\n"
+
+
+def _export_mail(args: argparse.Namespace) -> int:
+    export.parse_signoff(args.signoff)  # refuse before any work
+    tree = patches.prepare(args.project, "frozen", local=_local(args, args.project))
+    result = export.export_mail(args.project, tree.path, args.dir, signoff=args.signoff,
+                                version=args.reroll_count, onto=args.onto,
+                                proof=latest_test_summary())
+    print(f"{len(result.files)} mail(s) in {args.dir} (cover letter included)")
+    print(f"To: {', '.join(result.recipients.to)}  (from {result.recipients.source})")
+    if result.recipients.cc:
+        print(f"Cc: {', '.join(result.recipients.cc)}")
+    for r in result.gate_results:
+        if not r.ok:
+            print(f"gate {r.gate} failed for {r.patch}: {r.detail}")
+    if result.rebase is not None:
+        print(f"rebase check onto {args.onto}:")
+        for r in result.rebase:
+            print(f"  {r.patch}: {r.status}" + (f"\n    {r.detail}" if r.detail else ""))
+    check = export.verify_mail(tree.path, result.files, args.signoff)
+    print(f"git am onto the base: {check.applied} applied, {check.signed} carry your "
+          f"Signed-off-by last, result {'equals' if check.same_tree else 'DIFFERS from'} "
+          f"the series tree")
+    ok = check.same_tree and check.signed == check.applied == len(result.files) - 1
+    return 0 if ok else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    run = {"debian": _export_debian, "rpm": _export_rpm, "mail": _export_mail}[args.format]
+    try:
+        return run(args)
+    except (export.ExportError, distro.DistroError) as exc:
+        print(f"frozen: error: {exc}", file=sys.stderr)
+        return 2
+
+
+GATES = ("shape", "checkpatch", "debian-apply", "bisect")
+
+
+def _gate_results(project: str, gate: str,
+                  args: argparse.Namespace) -> list[gates.GateResult]:
+    files = patches.series(project)
+    if gate == "shape":
+        return [gates.shape(p) for p in files]
+    if gate == "checkpatch":
+        if project != "qemu" or not files:
+            return []
+        tree = patches.prepare("qemu", "frozen", local=_local(args, "qemu"))
+        return [gates.checkpatch(tree.path, p) for p in files]
+    if gate == "debian-apply":
+        return gates.debian_apply(project, files)
+    if not files:
+        return []
+    tree = patches.prepare(project, "frozen", local=_local(args, project))
+    return gates.bisect(tree, jobs=args.jobs)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from harness import suite
+
+    results = []
+    for project in _projects(args):
+        for gate in args.gate or GATES:
+            found = _gate_results(project, gate, args)
+            say(f"{project}: gate {gate}: {sum(r.ok for r in found)}/{len(found)} passed")
+            results += found
+    for r in results:
+        mark = "ok  " if r.ok else "FAIL"
+        print(f"{mark} {r.gate:13s} {r.patch}" + (f"\n     {r.detail}" if not r.ok else ""))
+    if args.junit:
+        suite.write_junit(args.junit, "check", results)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def add_packaging_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export the series for Debian, RPM or the mailing list")
+    formats = p.add_subparsers(dest="format", required=True)
+    d = formats.add_parser("debian", help="DEP-3 patches + series fragment, checked with quilt")
+    d.add_argument("--forwarded", default="no", help="DEP-3 Forwarded: value (default: no)")
+    r = formats.add_parser("rpm", help="patch files + PatchNNNN: spec snippet, checked with patch")
+    r.add_argument("--first", type=int, default=export.RPM_FIRST,
+                   help=f"number of the first PatchNNNN: line (default {export.RPM_FIRST})")
+    m = formats.add_parser("mail", help="git format-patch --cover-letter for the list")
+    m.add_argument("--signoff", metavar='"NAME <EMAIL>"',
+                   help="your Signed-off-by, appended to every patch (required)")
+    m.add_argument("-v", "--reroll-count", type=int, default=1, metavar="N",
+                   help="series version, as git format-patch -v N")
+    m.add_argument("--onto", type=Path, metavar="PATH",
+                   help="upstream git tree: report how each patch applies to its HEAD")
+    _add_source_args(m)
+    for q in (d, r, m):
+        q.add_argument("--project", choices=config.BUILT_PROJECTS, required=True)
+        q.add_argument("dir", type=Path, metavar="DIR", help="output directory")
+        if q is not m:
+            q.add_argument("--no-verify", action="store_true",
+                           help="skip applying the export with the consuming tool")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("check", help="gates: commit shape, checkpatch, Debian tree, bisect")
+    p.add_argument("--project", choices=config.BUILT_PROJECTS)
+    p.add_argument("--gate", action="append", choices=GATES,
+                   help="run only this gate (repeatable; default: all)")
+    p.add_argument("--jobs", type=int, help="parallel build jobs for the bisect gate")
+    p.add_argument("--junit", type=Path, metavar="FILE", help="also write JUnit XML here")
+    _add_source_args(p)
+    p.set_defaults(func=cmd_check)
+
+# end of export and check
+# --------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:

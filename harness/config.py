@@ -57,6 +57,8 @@ class SourcePin:
     #: Debian patches (paths inside the debian tarball) applied as build
     #: fix-ups before the series; kept out of the series itself.
     fixups: tuple[str, ...] = ()
+    #: Paths of the tarball left untracked in the work tree (upstream submodules).
+    untracked: tuple[str, ...] = ()
 
     def artifact(self, role: str) -> Artifact | None:
         return next((a for a in self.artifacts if a.role == role), None)
@@ -96,6 +98,7 @@ def load_lock(path: Path | None = None) -> dict[str, SourcePin]:
                 suite=entry["suite"],
                 artifacts=artifacts,
                 fixups=tuple(entry.get("fixups", ())),
+                untracked=tuple(entry.get("untracked", ())),
             )
         except (KeyError, TypeError) as exc:
             raise LockError(f"{path}: [{project}] lacks or misshapes {exc}") from exc

@@ -194,8 +194,8 @@ def prepare(project: str, variant: str = "frozen", *, local: Path | None = None,
         say(f"re-applying the {project} series in {path}")
         subprocess.run(["git", "-C", str(path), "reset", "--quiet", "--hard", "fixups"],
                        check=True)
-        subprocess.run(["git", "-C", str(path), "clean", "-q", "-fdx", "-e", "/build/"],
-                       check=True)
+        # Without -x: ignored paths (the build dir, untracked submodules) stay.
+        subprocess.run(["git", "-C", str(path), "clean", "-q", "-fd"], check=True)
     else:
         sources.make_tree(base, path)
     say(f"applying {len(patches)} patch(es) to {project} ({variant})")

@@ -311,6 +311,7 @@ class Base:
     orig: Path
     debian: Path | None = None
     fixups: tuple[str, ...] = ()
+    untracked: tuple[str, ...] = ()
 
     @property
     def description(self) -> str:
@@ -353,8 +354,10 @@ def resolve_base(project: str, local: Path | None = None) -> Base:
         pin = config.pin(project)
         files = fetch(pin)
         pinned = "".join(f"{a.name}:{a.sha256}\n" for a in pin.artifacts)
-        ident = hashlib.sha256((pinned + "\n".join(pin.fixups)).encode()).hexdigest()
-        return Base(project, "debian", ident, files["orig"], files.get("debian"), pin.fixups)
+        shape = "\n".join(pin.fixups) + "\0" + "\n".join(pin.untracked)
+        ident = hashlib.sha256((pinned + shape).encode()).hexdigest()
+        return Base(project, "debian", ident, files["orig"], files.get("debian"), pin.fixups,
+                    pin.untracked)
     local = local.expanduser().resolve()
     if (local / ".git").exists() or local.name.endswith(".git"):
         head = subprocess.run(["git", "-C", str(local), "rev-parse", "HEAD"], check=True,
@@ -415,9 +418,11 @@ def make_tree(base: Base, tree: Path) -> None:
     # relative paths whichever tree (stock, frozen, bisect) is built.
     (tree / ".git" / "info").mkdir(parents=True, exist_ok=True)
     with (tree / ".git" / "info" / "exclude").open("a") as fh:
-        fh.write("/build/\n")
+        fh.write("".join(f"/{p}/\n" for p in ("build", *base.untracked)))
     if base.kind != "git":
-        _git(tree, "add", "--all", "--force", ".")
+        # --force: the tarball may ship files its own .gitignore names.
+        _git(tree, "add", "--all", "--force", "--", ".",
+             *(f":!{p}" for p in base.untracked))
         _git(tree, "commit", "--quiet", "--no-verify", "-m",
              f"{base.project}: base {base.orig.name}\n\nsha256-ident: {base.ident}")
     _git(tree, "tag", "-f", "base")

@@ -1,9 +1,9 @@
 """The project's test suite, stage by stage, as `frozen test` runs it.
 
 Stages: lint, unit tests, builds (stock and frozen QEMU, frozen libvirt),
-integration tests against the installs, gates on the series (shape,
-checkpatch, bisect build), QEMU's own in-tree tests of the series, and the
-avocado functional tests on KVM.  Every stage writes JUnit XML; the closing
+integration tests against the installs, the avocado functional tests on
+KVM, QEMU's own in-tree tests of the series, and gates on the series (shape,
+checkpatch, bisect build).  Every stage writes JUnit XML; the closing
 line sums them, and the exit status is non-zero if anything failed.
 """
 
@@ -21,6 +21,9 @@ from pathlib import Path
 
 from harness import build, config, gates, patches
 from harness.progress import say
+
+#: QEMU's in-tree tests that the series adds (meson test names).
+QEMU_IN_TREE_TESTS = ("qtest-x86_64/frozen-test", "func-x86_64-frozen")
 
 
 @dataclass
@@ -172,31 +175,41 @@ def stage_gates(suite: Suite, args: argparse.Namespace) -> None:
     suite.record("gates", junit_counts(junit), start)
 
 
-def stage_qemu_in_tree(suite: Suite, install: build.Install | None) -> None:
-    """QEMU's own tests added by the series, run by meson in the frozen tree."""
-    start = time.monotonic()
-    junit = suite.junit("qemu-in-tree")
+def _meson_test(suite: Suite, stage: str, install: build.Install | None,
+                args: list[str], started: float) -> None:
+    """`meson test` in an install's build dir; its JUnit log is the result."""
     if install is None:
-        suite.record("qemu-in-tree", Counts(failed=1, failures=["no frozen QEMU build"]), start)
-        return
-    tests = [t for t in ("qtest-x86_64/frozen-test",) if _meson_has_test(install, t)]
-    functional = install.tree / "tests" / "functional" / "x86_64" / "test_frozen.py"
-    if not tests and not functional.exists():
-        say("the QEMU series adds no in-tree tests yet")
-        suite.record("qemu-in-tree", Counts(), start)
+        suite.record(stage, Counts(failed=1, failures=[f"{stage}: no build"]), started)
         return
     env = build.build_env(install.tree)
-    env["QEMU_TEST_NO_DOWNLOAD"] = "1"
-    names = list(tests)
-    if functional.exists():
-        names.append("func-x86_64-frozen")
-    rc = _run(["meson", "test", "-C", str(install.build_dir), "--no-rebuild", "--print-errorlogs",
-               *names], env=env)
-    if rc != 0 and (install.build_dir / "meson-logs" / "testlog.junit.xml").exists() is False:
-        suite.record("qemu-in-tree", Counts(failed=1, failures=["meson test"]), start)
+    log = install.build_dir / "meson-logs" / "testlog.junit.xml"
+    log.unlink(missing_ok=True)
+    rc = _run(["meson", "test", "-C", str(install.build_dir), "--print-errorlogs",
+               f"--num-processes={os.cpu_count() or 2}", *args], env=env)
+    junit = suite.junit(stage)
+    if log.exists():
+        shutil.copy(log, junit)
+    counts = junit_counts(junit)
+    if rc != 0 and not counts.failed:
+        counts.failed += 1
+        counts.failures.append(f"{stage}: meson test exited {rc}")
+    suite.record(stage, counts, started)
+
+
+def stage_qemu_in_tree(suite: Suite, install: build.Install | None) -> None:
+    """QEMU's own tests that the series adds, run by meson in the frozen tree."""
+    start = time.monotonic()
+    tests = [t for t in QEMU_IN_TREE_TESTS if install and _meson_has_test(install, t)]
+    if install and not tests:
+        say("the QEMU series adds no in-tree tests")
+        suite.record("qemu-in-tree", Counts(), start)
         return
-    shutil.copy(install.build_dir / "meson-logs" / "testlog.junit.xml", junit)
-    suite.record("qemu-in-tree", junit_counts(junit), start)
+    _meson_test(suite, "qemu-in-tree", install, tests, start)
+
+
+def stage_libvirt_in_tree(suite: Suite, install: build.Install | None) -> None:
+    """libvirt's whole test suite (syntax-check included) on the frozen tree."""
+    _meson_test(suite, "libvirt-in-tree", install, [], time.monotonic())
 
 
 def _meson_has_test(install: build.Install, name: str) -> bool:
@@ -228,8 +241,10 @@ def run(args: argparse.Namespace) -> int:
         env[f"FROZEN_{project.upper()}{suffix}"] = str(install.prefix)
     if installs:
         stage_pytest(suite, "integration", config.repo_root() / "tests" / "integration", env)
-        stage_gates(suite, args)
-        stage_qemu_in_tree(suite, installs.get(("qemu", "frozen")))
+        # The KVM proof before the slow bisect gate: its verdict matters most.
         stage_functional(suite, env)
+        stage_qemu_in_tree(suite, installs.get(("qemu", "frozen")))
+        stage_libvirt_in_tree(suite, installs.get(("libvirt", "frozen")))
+        stage_gates(suite, args)
     print(suite.summary())
     return 0 if suite.total.failed == 0 and suite.total.passed > 0 else 1

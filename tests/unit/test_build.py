@@ -75,7 +75,7 @@ def test_failed_step_reports_log_tail_and_path(tmp_path: Path) -> None:
 
 def test_cached_install_is_reused(tree: Tree, tmp_path: Path) -> None:
     key = build.cache_key(tree, build.qemu_options())
-    prefix = build.install_prefix("qemu", "frozen", key)
+    prefix = build.install_prefix("qemu", "frozen")
     prefix.mkdir(parents=True)
     (prefix / build.STAMP).write_text(f'{{"key": "{key}", "timings": {{"build": 1.0}}}}')
     install = build.build(tree)

@@ -195,3 +195,15 @@ def test_git_identity_is_the_repositorys() -> None:
     author = subprocess.run(["git", "-C", root, "log", "-1", "--format=%an"],
                             capture_output=True, text=True).stdout.strip()
     assert name in (configured, author) and "@" in email
+
+
+def test_untracked_paths_stay_out_of_the_base_commit(tmp_path: Path) -> None:
+    tarball = _tarball(tmp_path, {"src/a.c": b"int a;\n",
+                                  "subprojects/keycodemapdb/keymaps.csv": b"a,b\n"})
+    base = sources.Base("libvirt", "tarball", "id", tarball,
+                        untracked=("subprojects/keycodemapdb",))
+    tree = tmp_path / "tree"
+    sources.make_tree(base, tree)
+    assert (tree / "subprojects" / "keycodemapdb" / "keymaps.csv").exists()
+    assert git(tree, "ls-files") == "src/a.c"
+    assert git(tree, "status", "--porcelain") == ""
