@@ -8,7 +8,7 @@
     all       fetch, apply, build, verify: the packager's proof
     test      the project's test suite (what CI runs)
     export    the series for Debian (DEP-3), RPM (spec snippet) or the list (mail)
-    check     the gates: commit shape, checkpatch, Debian tree apply, bisect build
+    check     the gates: commit shape, checkpatch, syntax-check, Debian tree, bisect
 """
 
 from __future__ import annotations
@@ -103,6 +103,17 @@ def cmd_test(args: argparse.Namespace) -> int:
     return suite.run(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness import bench
+
+    installs = build_all(argparse.Namespace(**{**vars(args), "project": None}))
+    result, out_dir = bench.run(installs[("qemu", "frozen")].prefix, reps=args.reps,
+                                sizes=tuple(args.sizes), with_builds=not args.no_builds)
+    print(bench.table(result))
+    print(f"\nresults: {out_dir / 'bench.json'}\nplot:    {out_dir / 'bench.png'}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="frozen", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,6 +149,16 @@ def parser() -> argparse.ArgumentParser:
                        help="discard work-tree changes that are not in the series")
         _add_source_args(p)
         p.set_defaults(func=func)
+    p = sub.add_parser("bench", help="benchmarks: freeze against the stock alternatives")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
+    p.add_argument("--sizes", type=int, nargs="+", metavar="MB",
+                   default=[512, 2048, 4096, 8192], help="guest RAM sizes for the memory curve")
+    p.add_argument("--no-builds", action="store_true", help="skip the build timings")
+    p.add_argument("--jobs", type=int, help="parallel build jobs (default: all cores)")
+    p.add_argument("--force", action="store_true",
+                   help="discard work-tree changes that are not in the series")
+    _add_source_args(p)
+    p.set_defaults(func=cmd_bench)
     add_packaging_commands(sub)
     return top
 
@@ -211,9 +232,9 @@ def _export_mail(args: argparse.Namespace) -> int:
     print(f"To: {', '.join(result.recipients.to)}  (from {result.recipients.source})")
     if result.recipients.cc:
         print(f"Cc: {', '.join(result.recipients.cc)}")
-    for r in result.gate_results:
-        if not r.ok:
-            print(f"gate {r.gate} failed for {r.patch}: {r.detail}")
+    failed_gates = [r for r in result.gate_results if not r.ok]
+    for r in failed_gates:
+        print(f"gate {r.gate} failed for {r.patch}: {r.detail}")
     if result.rebase is not None:
         print(f"rebase check onto {args.onto}:")
         for r in result.rebase:
@@ -223,7 +244,8 @@ def _export_mail(args: argparse.Namespace) -> int:
           f"Signed-off-by last, result {'equals' if check.same_tree else 'DIFFERS from'} "
           f"the series tree")
     ok = check.same_tree and check.signed == check.applied == len(result.files) - 1
-    return 0 if ok else 1
+    # The mails are written either way, but a failed gate must not go unnoticed.
+    return 0 if ok and not failed_gates else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -235,7 +257,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
 
 
-GATES = ("shape", "checkpatch", "debian-apply", "bisect")
+GATES = ("shape", "checkpatch", "syntax-check", "debian-apply", "bisect")
 
 
 def _gate_results(project: str, gate: str,
@@ -248,6 +270,11 @@ def _gate_results(project: str, gate: str,
             return []
         tree = patches.prepare("qemu", "frozen", local=_local(args, "qemu"))
         return [gates.checkpatch(tree.path, p) for p in files]
+    if gate == "syntax-check":
+        if project != "libvirt":
+            return []
+        return gates.syntax_check(patches.prepare("libvirt", "frozen",
+                                                  local=_local(args, "libvirt")).path)
     if gate == "debian-apply":
         return gates.debian_apply(project, files)
     if not files:
@@ -262,8 +289,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     results = []
     for project in _projects(args):
         for gate in args.gate or GATES:
+            start = time.monotonic()
             found = _gate_results(project, gate, args)
-            say(f"{project}: gate {gate}: {sum(r.ok for r in found)}/{len(found)} passed")
+            say(f"{project}: gate {gate}: {sum(r.ok for r in found)}/{len(found)} passed "
+                f"({time.monotonic() - start:.0f} s)")
             results += found
     for r in results:
         mark = "ok  " if r.ok else "FAIL"
@@ -297,7 +326,8 @@ def add_packaging_commands(sub: argparse._SubParsersAction) -> None:
                            help="skip applying the export with the consuming tool")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("check", help="gates: commit shape, checkpatch, Debian tree, bisect")
+    p = sub.add_parser("check", help="gates: commit shape, checkpatch / syntax-check, "
+                                     "Debian tree, bisect")
     p.add_argument("--project", choices=config.BUILT_PROJECTS)
     p.add_argument("--gate", action="append", choices=GATES,
                    help="run only this gate (repeatable; default: all)")

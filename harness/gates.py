@@ -2,7 +2,9 @@
 
 * checkpatch: QEMU's own scripts/checkpatch.pl, 0 errors and 0 warnings;
 * shape: subject <= 76 chars with a subsystem prefix, a body, Signed-off-by;
-* bisect: every prefix of the series builds (incremental, ccache).
+* bisect: every prefix of the series builds (incremental, ccache);
+* debian-apply: the series applies with fuzz 0 after Debian's own series;
+* syntax-check: libvirt's own syntax checks, on what the series touches.
 
 A bisect result is cached by content (base, series prefix, options): an
 unchanged series is not rebuilt, a changed one always is.
@@ -19,7 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import build, config
+from harness import build, config, distro
 from harness.patches import Tree, series_digest
 from harness.progress import say
 
@@ -154,3 +156,87 @@ def _build_commit(tree: Tree, bisect_tree: Path, commit: str, patch: Path,
     except build.BuildError as exc:
         return GateResult("bisect", patch.name, False, str(exc))
     return GateResult("bisect", patch.name, True, "builds")
+
+
+# --------------------------------------------------------------------------
+# applies on the Debian-patched tree (added with the packager exports)
+
+
+def debian_apply(project: str, files: list[Path]) -> list[GateResult]:
+    """The series applies with zero fuzz after Debian's own quilt series.
+
+    One result for Debian's series itself (so an empty series of ours still
+    reports what was checked), then one per patch of ours: applies, applies
+    with offset (passes, offsets named), or fails with the hunk.
+    """
+    try:
+        tree = distro.debian_tree(project)
+    except distro.DistroError as exc:
+        return [GateResult("debian-apply", "debian/patches/series", False, str(exc))]
+    shifted = sum(bool(o.offsets) for o in tree.debian_patches)
+    results = [GateResult("debian-apply", "debian/patches/series", True,
+                          f"Debian's {len(tree.debian_patches)} patches pushed with fuzz 0 "
+                          f"({shifted} with offset)")]
+    entries = [(f"frozen/{p.name}", p) for p in files]
+    outcomes = {o.patch: o for o in distro.push_ours(tree, entries)}
+    for line, _ in entries:
+        outcome = outcomes.get(line)
+        if outcome is None:
+            results.append(GateResult("debian-apply", line, False,
+                                      "not tried: an earlier patch does not apply"))
+            continue
+        detail = outcome.status + (": " + "; ".join(outcome.offsets) if outcome.offsets
+                                   else "") + (f"\n{outcome.detail}" if outcome.detail else "")
+        results.append(GateResult("debian-apply", line.removeprefix("frozen/"), outcome.ok,
+                                  detail))
+    distro.reset(tree)
+    return results
+
+
+def syntax_check(tree: Path) -> list[GateResult]:
+    """libvirt's own syntax checks: `meson test --suite syntax-check`, one result each.
+
+    Runs in the tree's configured build dir (`frozen build` makes it); the
+    checks read the file list from git.  A tree made from the release
+    tarball tracks files upstream's git does not (the vendored
+    subprojects/keycodemapdb, generated RPC stubs), and some checks fail on
+    those even without the series.  So a failing check fails the gate when
+    its output names a file the series touches, or names no file at all;
+    one that names only untouched files passes, with its findings shown.
+    """
+    build_dir = tree / "build"
+    if not (build_dir / "build.ninja").exists():
+        return [GateResult("syntax-check", tree.name, False,
+                           f"{build_dir} is not configured: run `frozen build --project libvirt`")]
+    proc = subprocess.run(["meson", "test", "-C", str(build_dir), "--no-rebuild",
+                           "--suite", "syntax-check", "--print-errorlogs"],
+                          capture_output=True, text=True, env=build.build_env(tree))
+    log = build_dir / "meson-logs" / "testlog.json"
+    tests = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if not tests:
+        return [GateResult("syntax-check", tree.name, False,
+                           "no syntax-check results:\n" + (proc.stdout + proc.stderr)[-1500:])]
+    touched = _touched_files(tree)
+    return [_judge_syntax_check(test, tree, touched) for test in tests]
+
+
+def _touched_files(tree: Path) -> set[str]:
+    out = subprocess.run(["git", "-C", str(tree), "diff", "--name-only", "fixups..HEAD"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def _judge_syntax_check(test: dict, tree: Path, touched: set[str]) -> GateResult:
+    name = test["name"].rsplit(":", 1)[-1]
+    if test["result"] in ("OK", "SKIP"):
+        return GateResult("syntax-check", name, True, skipped=test["result"] == "SKIP")
+    findings = [ln for ln in (test.get("stdout") or "").splitlines()
+                if not ln.startswith(("make:", "make[")) and ln.strip()]
+    ours = [ln for ln in findings if any(f in ln for f in touched)]
+    names_files = any(str(tree) + "/" in ln or re.match(r"^[-+][\w./-]+$", ln)
+                      for ln in findings)
+    if ours or not names_files:
+        return GateResult("syntax-check", name, False, "\n".join((ours or findings)[:30]))
+    return GateResult("syntax-check", name, True,
+                      "fails only on files the series does not touch:\n" +
+                      "\n".join(findings[:5]))

@@ -186,6 +186,8 @@ def prepare(project: str, variant: str = "frozen", *, local: Path | None = None,
     patches = series(project, variant, series_dir)
     digest = series_digest(patches)
     state = _state(path)
+    if (path / ".git").is_dir():
+        sources.write_excludes(path, base)
     if state and state.get("base") == base.ident and state.get("series") == digest \
             and _head(path) == state.get("head"):
         return Tree(project, variant, path, base, tuple(patches))

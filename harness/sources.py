@@ -394,6 +394,19 @@ def _debian_file(debian_tarball: Path, member: str) -> bytes:
         return handle.read()
 
 
+def write_excludes(tree: Path, base: Base) -> None:
+    """Paths git must not see as changes in a work tree.
+
+    The build dir lives inside the tree so that ccache sees the same
+    relative paths whichever tree (stock, frozen, bisect) is built; meson
+    leaves its subproject lock file in the source tree.
+    """
+    info = tree / ".git" / "info"
+    info.mkdir(parents=True, exist_ok=True)
+    paths = [f"/{p}/" for p in ("build", *base.untracked)] + ["/subprojects/.wraplock"]
+    (info / "exclude").write_text("".join(p + "\n" for p in paths))
+
+
 def make_tree(base: Base, tree: Path) -> None:
     """Create `tree` as a git work tree: tag `base`, then tag `fixups`.
 
@@ -414,11 +427,7 @@ def make_tree(base: Base, tree: Path) -> None:
     name, email = git_identity()
     _git(tree, "config", "user.name", name)
     _git(tree, "config", "user.email", email)
-    # The build dir lives inside the tree so that ccache sees the same
-    # relative paths whichever tree (stock, frozen, bisect) is built.
-    (tree / ".git" / "info").mkdir(parents=True, exist_ok=True)
-    with (tree / ".git" / "info" / "exclude").open("a") as fh:
-        fh.write("".join(f"/{p}/\n" for p in ("build", *base.untracked)))
+    write_excludes(tree, base)
     if base.kind != "git":
         # --force: the tarball may ship files its own .gitignore names.
         _git(tree, "add", "--all", "--force", "--", ".",
