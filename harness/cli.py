@@ -257,40 +257,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
 
 
-GATES = ("shape", "checkpatch", "syntax-check", "debian-apply", "bisect")
-
-
-def _gate_results(project: str, gate: str,
-                  args: argparse.Namespace) -> list[gates.GateResult]:
-    files = patches.series(project)
-    if gate == "shape":
-        return [gates.shape(p) for p in files]
-    if gate == "checkpatch":
-        if project != "qemu" or not files:
-            return []
-        tree = patches.prepare("qemu", "frozen", local=_local(args, "qemu"))
-        return [gates.checkpatch(tree.path, p) for p in files]
-    if gate == "syntax-check":
-        if project != "libvirt":
-            return []
-        return gates.syntax_check(patches.prepare("libvirt", "frozen",
-                                                  local=_local(args, "libvirt")).path)
-    if gate == "debian-apply":
-        return gates.debian_apply(project, files)
-    if not files:
-        return []
-    tree = patches.prepare(project, "frozen", local=_local(args, project))
-    return gates.bisect(tree, jobs=args.jobs)
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     from harness import suite
 
     results = []
     for project in _projects(args):
-        for gate in args.gate or GATES:
+        for gate in args.gate or gates.GATES:
             start = time.monotonic()
-            found = _gate_results(project, gate, args)
+            found = gates.run_gate(project, gate, local=_local(args, project),
+                                   jobs=args.jobs)
             say(f"{project}: gate {gate}: {sum(r.ok for r in found)}/{len(found)} passed "
                 f"({time.monotonic() - start:.0f} s)")
             results += found
@@ -329,7 +304,7 @@ def add_packaging_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="gates: commit shape, checkpatch / syntax-check, "
                                      "Debian tree, bisect")
     p.add_argument("--project", choices=config.BUILT_PROJECTS)
-    p.add_argument("--gate", action="append", choices=GATES,
+    p.add_argument("--gate", action="append", choices=gates.GATES,
                    help="run only this gate (repeatable; default: all)")
     p.add_argument("--jobs", type=int, help="parallel build jobs for the bisect gate")
     p.add_argument("--junit", type=Path, metavar="FILE", help="also write JUnit XML here")

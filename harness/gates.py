@@ -21,7 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import build, config, distro
+from harness import build, config, distro, patches
 from harness.patches import Tree, series_digest
 from harness.progress import say
 
@@ -240,3 +240,29 @@ def _judge_syntax_check(test: dict, tree: Path, touched: set[str]) -> GateResult
     return GateResult("syntax-check", name, True,
                       "fails only on files the series does not touch:\n" +
                       "\n".join(findings[:5]))
+
+
+GATES = ("shape", "checkpatch", "syntax-check", "debian-apply", "bisect")
+
+
+def run_gate(project: str, gate: str, *, local: Path | None = None,
+             jobs: int | None = None) -> list[GateResult]:
+    """The results of one gate on `project`'s series; [] where it does not apply."""
+    files = patches.series(project)
+    if gate == "shape":
+        return [shape(p) for p in files]
+    if gate == "debian-apply":
+        return debian_apply(project, files)
+    applies = {"checkpatch": project == "qemu" and bool(files),
+               "syntax-check": project == "libvirt",
+               "bisect": bool(files)}
+    if gate not in applies:
+        raise ValueError(f"unknown gate {gate!r} (expected one of {GATES})")
+    if not applies[gate]:
+        return []
+    tree = patches.prepare(project, "frozen", local=local)
+    if gate == "checkpatch":
+        return [checkpatch(tree.path, p) for p in files]
+    if gate == "syntax-check":
+        return syntax_check(tree.path)
+    return bisect(tree, jobs=jobs)
