@@ -29,6 +29,14 @@ def _add_source_args(parser: argparse.ArgumentParser) -> None:
                         help="local libvirt tarball or git tree to use as the base")
 
 
+def _add_build_args(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that may build."""
+    parser.add_argument("--jobs", type=int, help="parallel build jobs (default: all cores)")
+    parser.add_argument("--force", action="store_true",
+                        help="discard work-tree changes that are not in the series")
+    _add_source_args(parser)
+
+
 def _local(args: argparse.Namespace, project: str) -> Path | None:
     return getattr(args, f"{project}_src", None)
 
@@ -144,20 +152,14 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         if name == "build":
             p.add_argument("--project", choices=config.BUILT_PROJECTS)
-        p.add_argument("--jobs", type=int, help="parallel build jobs (default: all cores)")
-        p.add_argument("--force", action="store_true",
-                       help="discard work-tree changes that are not in the series")
-        _add_source_args(p)
+        _add_build_args(p)
         p.set_defaults(func=func)
     p = sub.add_parser("bench", help="benchmarks: freeze against the stock alternatives")
     p.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
     p.add_argument("--sizes", type=int, nargs="+", metavar="MB",
                    default=[512, 2048, 4096, 8192], help="guest RAM sizes for the memory curve")
     p.add_argument("--no-builds", action="store_true", help="skip the build timings")
-    p.add_argument("--jobs", type=int, help="parallel build jobs (default: all cores)")
-    p.add_argument("--force", action="store_true",
-                   help="discard work-tree changes that are not in the series")
-    _add_source_args(p)
+    _add_build_args(p)
     p.set_defaults(func=cmd_bench)
     add_packaging_commands(sub)
     return top
