@@ -219,7 +219,10 @@ def _meson_has_test(install: build.Install, name: str) -> bool:
 def stage_functional(suite: Suite, env: dict[str, str]) -> None:
     start = time.monotonic()
     junit = suite.junit("functional")
-    rc = _run([_venv_tool("avocado"), "run", "--job-results-dir", str(suite.dir / "avocado"),
+    # One test at a time: the libvirt tests each run a virtqemud on the
+    # prefix's socket, and soak figures should not compete for 2 cores.
+    rc = _run([_venv_tool("avocado"), "run", "--max-parallel-tasks=1",
+               "--job-results-dir", str(suite.dir / "avocado"),
                "--xunit", str(junit), str(config.repo_root() / "tests" / "functional")], env=env)
     counts = junit_counts(junit)
     if rc != 0 and not counts.failed:
