@@ -195,18 +195,17 @@ def _read_stamp(prefix: Path) -> dict | None:
         return None
 
 
-def _layout_firmware(build_dir: Path, prefix: Path) -> None:
-    """One firmware dir, <prefix>/share/qemu, so QEMU needs no -L.
+def layout_firmware(build_dir: Path, datadir: Path) -> None:
+    """Put every blob QEMU loads into `datadir`, so it needs no -L.
 
     SeaBIOS and iPXE come from Debian's packages (linked), the x86 option
-    ROMs from this tree's own pc-bios/optionrom build (copied).
+    ROMs from this tree's own pc-bios/optionrom build (copied).  Idempotent.
     """
-    datadir = prefix / "share" / "qemu"
     datadir.mkdir(parents=True, exist_ok=True)
     for src_dir, pattern in ((SEABIOS_DIR, "*.bin"), (IPXE_DIR, "*.rom")):
         if not src_dir.is_dir():
             raise BuildError(f"firmware layout: {src_dir} is missing (install Debian's "
-                             "seabios and ipxe-qemu)", build_dir / "build.log")
+                             "seabios and ipxe-qemu)", build_dir / "frozen-build.log")
         for blob in src_dir.glob(pattern):
             link = datadir / blob.name
             if not link.exists():
@@ -214,9 +213,14 @@ def _layout_firmware(build_dir: Path, prefix: Path) -> None:
     roms = list((build_dir / "pc-bios" / "optionrom").glob("*.bin"))
     if not roms:
         raise BuildError("the x86 option ROMs were not built (is gcc-multilib installed?)",
-                         build_dir / "build.log")
+                         build_dir / "frozen-build.log")
     for rom in roms:
         shutil.copy2(rom, datadir / rom.name)
+
+
+def bundle_datadir(build_dir: Path, prefix: Path) -> Path:
+    """Where QEMU run from its build dir (qtests, meson test) looks for blobs."""
+    return build_dir / "qemu-bundle" / prefix.relative_to("/") / "share" / "qemu"
 
 
 def _install_api_xml(src: Path, build_dir: Path, prefix: Path, log: Path,
@@ -276,7 +280,8 @@ def build(tree: Tree, *, jobs: int | None = None) -> Install:
                                        log, env, "build qemu")
         timings["install"] = run_logged(["make", "-C", str(build_dir), "install"],
                                          log, env, "install qemu")
-        _layout_firmware(build_dir, prefix)
+        layout_firmware(build_dir, prefix / "share" / "qemu")
+        layout_firmware(build_dir, bundle_datadir(build_dir, prefix))
     else:
         # A warm build dir (series re-applied) is reconfigured, not wiped.
         reconfigure = ["--reconfigure"] if (build_dir / "build.ninja").exists() else []

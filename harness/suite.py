@@ -197,6 +197,10 @@ def _meson_test(suite: Suite, stage: str, install: build.Install | None,
 def stage_qemu_in_tree(suite: Suite, install: build.Install | None) -> None:
     """QEMU's own tests that the series adds, run by meson in the frozen tree."""
     start = time.monotonic()
+    if install:
+        # Tests run QEMU from the build dir, which loads blobs from its bundle.
+        build.layout_firmware(install.build_dir,
+                              build.bundle_datadir(install.build_dir, install.prefix))
     tests = [t for t in QEMU_IN_TREE_TESTS if install and _meson_has_test(install, t)]
     if install and not tests:
         say("the QEMU series adds no in-tree tests")
