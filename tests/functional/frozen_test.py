@@ -1,0 +1,72 @@
+"""Shared base of the functional tests: find the builds, need KVM, keep logs.
+
+The project's test command sets FROZEN_QEMU (install prefix of the patched
+QEMU) and FROZEN_QEMU_STOCK (the unpatched one).  A missing variable is an
+ERROR, never a skip; a missing /dev/kvm cancels the test with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from avocado import Test
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # running from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from harness import checks  # noqa: E402
+from harness.vm import system_binary  # noqa: E402
+
+#: Where Debian keeps the firmware when the prefix has none of its own.
+DEBIAN_FIRMWARE = (Path("/usr/share/seabios"), Path("/usr/lib/ipxe/qemu"))
+
+
+def firmware_dirs(prefix: Path) -> list[Path]:
+    """Extra -L dirs: none when the prefix carries its firmware, else Debian's
+    plus any listed in FROZEN_FIRMWARE_DIRS (colon separated)."""
+    extra = [Path(p) for p in os.environ.get("FROZEN_FIRMWARE_DIRS", "").split(":") if p]
+    if (prefix / "share" / "qemu" / "multiboot_dma.bin").exists():
+        return extra
+    return [*extra, *(d for d in DEBIAN_FIRMWARE if d.is_dir())]
+
+
+class FrozenTest(Test):
+    """Base class; subclasses set ``prefix_variable``.
+
+    :avocado: disable
+    """
+
+    prefix_variable = "FROZEN_QEMU"
+    what = "patched QEMU (with the frozen series)"
+    timeout = 180
+
+    def setUp(self) -> None:
+        value = os.environ.get(self.prefix_variable)
+        if not value:
+            self.error(
+                f"{self.prefix_variable} is not set: it must name the install prefix of "
+                f"the {self.what}; run the suite through the project's test command"
+            )
+        self.prefix = Path(value)
+        binary = system_binary(self.prefix)
+        if not os.access(binary, os.X_OK):
+            self.error(f"{self.prefix_variable}={value}: {binary} is missing")
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            self.cancel("/dev/kvm is missing or not accessible: these tests need KVM")
+        self.work = Path(self.workdir)
+        self.fw = firmware_dirs(self.prefix)
+
+    def rig(self, **kwargs: Any) -> AbstractContextManager[checks.Rig]:
+        """Boot the probe guest on this test's QEMU (see checks.probe_rig)."""
+        return checks.probe_rig(
+            self.prefix,
+            self.work / "rig",
+            firmware_dirs=self.fw,
+            log_dir=Path(self.logdir) / "vm",
+            **kwargs,
+        )

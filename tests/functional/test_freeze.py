@@ -1,0 +1,101 @@
+"""The frozen state on KVM: every trigger, verified the same way.
+
+Each test boots the probe guest on the PATCHED QEMU, freezes it through one
+trigger and checks (harness.checks.verify_frozen): status ``frozen``, one
+FROZEN event with the right reason, marker and last counter in pmemsave and
+dump-guest-memory, completed records on disk, image bytes unchanged and no
+packet during a soak while every write path is tried and refused, the image
+lock released for a second opener, QEMU alive after each refusal, and a clean
+``quit``.  Disks (raw, qcow2) and networks (user, tap in a private netns) are
+spread across the triggers.
+"""
+
+from __future__ import annotations
+
+from frozen_test import FrozenTest
+
+from harness import checks
+
+
+class Freeze(FrozenTest):
+    """:avocado: enable"""
+
+    def _scenario(
+        self,
+        what: str,
+        disk_format: str,
+        network: str,
+        soak_s: float,
+        runtime_action: tuple[str, dict[str, str]] | None = None,
+    ) -> None:
+        """Run one trigger; ``runtime_action`` sets the action over QMP
+        instead of on the command line."""
+        with self.rig(
+            disk_format=disk_format,
+            network=network,
+            actions={} if runtime_action else checks.trigger_actions(what),
+            werror="freeze" if what == "io-error" else None,
+            io_error_injection=what == "io-error",
+        ) as rig:
+            try:
+                if runtime_action:
+                    rig.vm.cmd(runtime_action[0], runtime_action[1])
+                r = checks.verify_frozen(rig, what, soak_s)
+            except BaseException:
+                rig.vm.mark_failed()
+                raise
+        self.log.info("%s", checks.format_table([r]))
+        for line in r.details:
+            self.log.info("%s", line)
+        for a in r.attempts:
+            self.log.info("attempt %-30s refused=%s alive=%s frozen=%s: %s",
+                          a.name, a.refused, a.alive, a.still_frozen, a.message)  # fmt: skip
+        why = "; ".join(r.details)
+        self.assertEqual(r.accelerator, "kvm")
+        self.assertEqual(r.status, "frozen", why)
+        self.assertEqual(r.reason, checks.REASONS[what], why)
+        self.assertEqual(r.frozen_events, 1, why)
+        self.assertTrue(r.memory_kept, why)
+        self.assertTrue(r.records_on_disk, why)
+        self.assertEqual(r.bytes_written_after_freeze, 0, why)
+        self.assertEqual(r.packets_after_freeze, 0, why)
+        self.assertTrue(r.refusals_held, why)
+        cont = next(a for a in r.attempts if a.name == "cont")
+        self.assertIn("frozen", cont.message.lower(), "cont refusal does not name the state")
+        self.assertTrue(r.lock_released, why)
+        self.assertTrue(r.quit_clean, why)
+        self.assertGreaterEqual(r.soak_s, soak_s)
+
+    def test_qmp_freeze_raw_user_soak30(self) -> None:
+        """The representative case: a 30 s soak."""
+        self._scenario("qmp", "raw", "user", 30)
+
+    def test_qmp_freeze_qcow2_tap(self) -> None:
+        self._scenario("qmp", "qcow2", "tap", 5)
+
+    def test_guest_panic_qcow2_user(self) -> None:
+        self._scenario("panic", "qcow2", "user", 5)
+
+    def test_watchdog_raw_tap(self) -> None:
+        self._scenario("watchdog", "raw", "tap", 5)
+
+    def test_watchdog_set_at_runtime_qcow2_user(self) -> None:
+        """The action set over QMP (watchdog-set-action) on a running VM."""
+        action = ("watchdog-set-action", {"action": "freeze"})
+        self._scenario("watchdog", "qcow2", "user", 3, action)
+
+    def test_guest_panic_set_action_raw_tap(self) -> None:
+        """The action set over QMP (set-action) on a running VM."""
+        self._scenario("panic", "raw", "tap", 3, ("set-action", {"panic": "freeze"}))
+
+    def test_io_error_qcow2_tap(self) -> None:
+        self._scenario("io-error", "qcow2", "tap", 5)
+
+    def test_internal_error_raw_user(self) -> None:
+        """-action internal-error=freeze on the command line."""
+        self._scenario("internal-error", "raw", "user", 5)
+
+    def test_internal_error_set_action_qcow2_tap(self) -> None:
+        """The same action set over QMP (set-action) on a running VM."""
+        action = ("set-action", {"internal-error": "freeze"})
+        self._scenario("internal-error", "qcow2", "tap", 3, action)

@@ -1,0 +1,289 @@
+"""The frozen state with a real guest kernel: the Linux guest profile.
+
+The same scenarios as test_freeze.py, but the guest is the Debian kernel with
+a busybox initramfs (harness.linux_guest) using Linux's own virtio-pci,
+virtio-blk, virtio-net and pvpanic drivers.  It runs on KVM where the host
+CPU has hardware virtualization and on TCG elsewhere (kvm_pvm cannot run a
+stock kernel); each test records the accelerator it used in its whiteboard.
+
+The steps are harness.checks' (trigger, write attempts, soak, records on
+disk, second opener); only the memory check differs: the guest's RAM is
+larger than the probe's and paged, so the whole RAM is searched in pmemsave
+and dump-guest-memory and the marker read back with ``xp`` (physical).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from avocado import Test
+from frozen_test import firmware_dirs
+
+from harness import checks, config, guest, linux_guest, netns
+from harness.vm import VM, VMError, system_binary
+
+RAM_MB = 128
+FIRST_RECORD_TIMEOUT = 90.0  # TCG on a shared 2-core machine: ~4-15 s
+SOAK_S = 3.0
+
+
+def linux_args(
+    images: linux_guest.LinuxImages,
+    cfg: linux_guest.LinuxConfig,
+    image: Path,
+    disk_format: str,
+    actions: Mapping[str, str],
+    netdev: str,
+) -> list[str]:
+    """Modern virtio-blk/net (Linux drivers), ISA pvpanic (ACPI QEMU0001), i6300esb."""
+    blockdev = {"driver": disk_format, "node-name": checks.DISK_NODE,
+                "file": {"driver": "file", "filename": str(image)}}  # fmt: skip
+    args = [
+        "-machine", "pc", "-m", str(RAM_MB), "-smp", "1",
+        *images.boot_args(cfg),
+        "-blockdev", json.dumps(blockdev),
+        # share-rw: the writable NBD export of checks.prepare_write_paths.
+        "-device", f"virtio-blk-pci,drive={checks.DISK_NODE},id={checks.DEVICE_ID},share-rw=on",
+        "-netdev", netdev,
+        "-device", f"virtio-net-pci,netdev={checks.NETDEV_ID},id={checks.NIC_ID},romfile=",
+        "-device", "pvpanic",
+        "-device", "i6300esb",
+    ]  # fmt: skip
+    for k, v in actions.items():
+        args += ["-action", f"{k}={v}"]
+    return args
+
+
+@contextlib.contextmanager
+def linux_rig(
+    prefix: Path,
+    workdir: Path,
+    *,
+    disk_format: str = "raw",
+    network: str = "user",
+    actions: Mapping[str, str] | None = None,
+    accel: str = "tcg",
+    fw_dirs: Sequence[Path] = (),
+    log_dir: Path | None = None,
+) -> Iterator[checks.Rig]:
+    """Boot the Linux guest and wait for its first record (as checks.probe_rig).
+
+    ``network``: ``user`` (slirp to 127.0.0.1) or ``tap`` (a tap in a private
+    namespace, with the listener and a frame capture inside it).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    images = linux_guest.build_linux_guest()
+    # Firmware for checks' standby QEMU (it never runs, so any will do).
+    standby_bios = guest.build_probe_images(config.cache_root() / "probe").bios
+    image = workdir / f"disk.{disk_format}"
+    checks.create_image(prefix, image, disk_format)
+    marker = secrets.token_hex(8)
+    with contextlib.ExitStack() as stack:
+        fds: list[int] = []
+        capture: netns.FrameCapture | None = None
+        tap: netns.Tap | None = None
+        if network == "user":
+            listener = stack.enter_context(netns.UdpListener("127.0.0.1"))
+            netdev = f"user,id={checks.NETDEV_ID}"
+            cfg = linux_guest.LinuxConfig(
+                marker=marker, dst_ip=netns.USER_NET_HOST_IP, dst_port=listener.port
+            )
+        elif network == "tap":
+            ns = stack.enter_context(netns.network_namespace())
+            tap = ns.add_tap()
+            listener = stack.enter_context(netns.UdpListener(netns.TAP_HOST_IP, netns=ns.name))
+            capture = stack.enter_context(netns.FrameCapture(tap))
+            fds.append(tap.open_fd())
+            stack.callback(_close_fds, fds)
+            netdev = f"tap,id={checks.NETDEV_ID},fd={fds[0]}"
+            cfg = linux_guest.LinuxConfig(
+                marker=marker, src_ip=netns.TAP_GUEST_IP, gateway=netns.TAP_HOST_IP,
+                dst_ip=netns.TAP_HOST_IP, dst_port=listener.port,
+            )  # fmt: skip
+        else:
+            raise ValueError(f"unknown network {network!r}")
+        vm = VM(
+            system_binary(prefix),
+            linux_args(images, cfg, image, disk_format, actions or {}, netdev),
+            name="linux",
+            log_dir=log_dir or workdir / "vm",
+            accel=accel,
+            firmware_dirs=fw_dirs,
+            pass_fds=fds,
+        )
+        stack.enter_context(vm)
+        _close_fds(fds)  # QEMU holds its own copy of the tap fd now
+        rig = checks.Rig(vm, prefix, workdir, image, disk_format, network, marker, listener,
+                         capture, tap, accel=accel, bios=standby_bios)  # fmt: skip
+        try:
+            rig.wait_record(1, FIRST_RECORD_TIMEOUT)
+        except BaseException:
+            vm.mark_failed()
+            raise
+        yield rig
+
+
+def _close_fds(fds: list[int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
+
+
+def memory_has(vm: VM, workdir: Path, needles: Sequence[bytes]) -> dict[str, bool]:
+    """Each needle in a pmemsave of all RAM and in dump-guest-memory; the first
+    one also read back with ``xp`` where pmemsave found it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    pmem, dump = workdir / "pmemsave.bin", workdir / "dump.elf"
+    vm.cmd("pmemsave", val=0, size=RAM_MB << 20, filename=str(pmem))
+    vm.cmd("dump-guest-memory", paging=False, protocol=f"file:{dump}", timeout=120)
+    found: dict[str, bool] = {}
+    addr = -1
+    for label, path in (("pmemsave", pmem), ("dump-guest-memory", dump)):
+        data = path.read_bytes()
+        for n in needles:
+            found[f"{label}:{n.decode(errors='replace').strip()}"] = n in data
+        if label == "pmemsave":
+            addr = data.find(needles[0])
+        path.unlink()
+    found["xp"] = addr >= 0 and checks.xp_bytes(vm, addr, len(needles[0])) == needles[0]
+    return found
+
+
+def verify_linux(rig: checks.Rig, what: str, soak_s: float) -> checks.FreezeResult:
+    """checks.verify_frozen's measurements, with the Linux memory check."""
+    vm = rig.vm
+    details: list[str] = []
+    acc = checks.accelerator(vm)
+    before = rig.wait_record(3, 20)
+    rig.listener.wait_for(lambda d: True, timeout=10)
+    details.append(f"records before trigger: {before}, datagrams: {len(rig.listener.datagrams())}")
+    checks.prepare_write_paths(rig)
+    checks.trigger(rig, what)
+    ev = vm.event_wait("FROZEN", checks.FREEZE_EVENT_TIMEOUT)
+    t_frozen = time.monotonic()
+    ts = ev.get("timestamp", {})
+    freeze_wall = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+    reason = ev.get("data", {}).get("reason")
+    image_at_freeze = rig.image.read_bytes()
+    status = vm.status()
+    last = rig.last_record()
+    details.append(f"FROZEN reason={reason}; status={status}; last record printed={last}")
+
+    view = checks.guest_view(rig.prefix, rig.image, rig.disk_format, rig.workdir / "view.raw")
+    missing = checks.missing_records(checks.parse_records(view, rig.marker), last, rig.sectors)
+    if missing:
+        details.append(f"completed records missing on disk: {missing[:10]}")
+
+    tag = guest.marker_tag(rig.marker)
+    lasts = [guest.last_record_tag(rig.marker, n) for n in (last, last + 1)]
+    found = memory_has(vm, rig.workdir / "mem", [tag, *lasts])
+    marker_ok = all(v for k, v in found.items() if "MARKER" in k) and found["xp"]
+    last_ok = all(
+        any(found[f"{src}:{n.decode().strip()}"] for n in lasts)
+        for src in ("pmemsave", "dump-guest-memory")
+    )
+    details.append(f"memory: marker={marker_ok} last counter={last_ok} ({found})")
+
+    attempts = checks.write_attempts(rig)
+    again = vm.try_cmd("freeze")
+    soak_notes = checks.soak(rig, t_frozen + soak_s, freeze_wall)
+    details += soak_notes
+    soaked = time.monotonic() - t_frozen
+    written = checks.bytes_changed(image_at_freeze, rig.image.read_bytes())
+    if rig.backup_target is not None and rig.backup_target.exists():
+        tgt = rig.backup_target.read_bytes()
+        written += len(tgt) - tgt.count(0)
+    packets = rig.datagrams_after(freeze_wall)
+    frozen_events = len(vm.events("FROZEN"))
+    lock_released, lock_text = rig.standby_opens_rw()
+    if not lock_released:
+        details.append(f"second open: {lock_text[-200:]}")
+    final_status = vm.status() if vm.is_running() else "exited"
+    refusals_held = (all(a.held for a in attempts) and again is None and not soak_notes
+                     and final_status == "frozen")  # fmt: skip
+    for a in attempts:
+        if not a.held:
+            details.append(f"NOT HELD {a.name}: {a.message} (alive={a.alive})")
+    quit_clean = False
+    if vm.is_running():
+        vm.cmd("quit")
+        quit_clean = vm.wait_for_exit(10) == 0
+    return checks.FreezeResult(
+        trigger=what, accelerator=acc, memory_kept=marker_ok and last_ok,
+        bytes_written_after_freeze=written, packets_after_freeze=packets,
+        lock_released=lock_released, refusals_held=refusals_held, details=details,
+        status=status, frozen_events=frozen_events, reason=reason,
+        records_on_disk=last > 0 and not missing, quit_clean=quit_clean,
+        attempts=attempts, soak_s=soaked,
+    )  # fmt: skip
+
+
+class LinuxGuestFreeze(Test):
+    """:avocado: enable"""
+
+    timeout = 240
+
+    def setUp(self) -> None:
+        value = os.environ.get("FROZEN_QEMU")
+        if not value:
+            self.error(
+                "FROZEN_QEMU is not set: it must name the install prefix of the "
+                "patched QEMU; run the suite through the project's test command"
+            )
+        self.prefix = Path(value)
+        if not os.access(system_binary(self.prefix), os.X_OK):
+            self.error(f"FROZEN_QEMU={value}: {system_binary(self.prefix)} is missing")
+        self.accel = linux_guest.host_accel()
+        self.work = Path(self.workdir)
+
+    def _scenario(self, what: str, disk_format: str, network: str = "user") -> None:
+        if network == "tap" and (why_not := netns.netns_supported()) is not None:
+            self.cancel(f"tap networking needs a network namespace: {why_not}")
+        t0 = time.monotonic()
+        with linux_rig(self.prefix, self.work / "rig", disk_format=disk_format, network=network,
+                       actions=checks.trigger_actions(what), accel=self.accel,
+                       fw_dirs=firmware_dirs(self.prefix),
+                       log_dir=Path(self.logdir) / "vm") as rig:  # fmt: skip
+            first = time.monotonic() - t0
+            try:
+                r = verify_linux(rig, what, SOAK_S)
+            except (VMError, checks.CheckError, TimeoutError):
+                rig.vm.mark_failed()
+                raise
+            if not r.ok:
+                rig.vm.mark_failed()
+        self.whiteboard = f"accel={r.accelerator} network={network} first_record_s={first:.1f}"
+        self.log.info("accelerator %s; first record %.1f s after launch", r.accelerator, first)
+        self.log.info("%s", checks.format_table([r]))
+        for line in r.details:
+            self.log.info("%s", line)
+        why = "; ".join(r.details)
+        self.assertEqual(r.accelerator, self.accel)
+        self.assertEqual(r.status, "frozen", why)
+        self.assertEqual(r.reason, checks.REASONS[what], why)
+        self.assertEqual(r.frozen_events, 1, why)
+        self.assertTrue(r.memory_kept, why)
+        self.assertTrue(r.records_on_disk, why)
+        self.assertEqual(r.bytes_written_after_freeze, 0, why)
+        self.assertEqual(r.packets_after_freeze, 0, why)
+        self.assertTrue(r.refusals_held, why)
+        self.assertTrue(r.lock_released, why)
+        self.assertTrue(r.quit_clean, why)
+        self.assertGreaterEqual(r.soak_s, SOAK_S)
+
+    def test_qmp_freeze_raw(self) -> None:
+        self._scenario("qmp", "raw")
+
+    def test_guest_panic_qcow2(self) -> None:
+        """A real kernel panic: sysrq crash -> panic notifier -> pvpanic -> freeze."""
+        self._scenario("panic", "qcow2")
+
+    def test_watchdog_raw_tap(self) -> None:
+        """/dev/watchdog (i6300esb driver) opened and never fed; tap networking."""
+        self._scenario("watchdog", "raw", "tap")
