@@ -120,7 +120,8 @@ def linux_rig(
         stack.enter_context(vm)
         _close_fds(fds)  # QEMU holds its own copy of the tap fd now
         rig = checks.Rig(vm, prefix, workdir, image, disk_format, network, marker, listener,
-                         capture, tap, accel=accel, bios=standby_bios)  # fmt: skip
+                         capture, tap, accel=accel, bios=standby_bios, ram_mb=RAM_MB,
+                         paged=True, record_timeout=10.0)  # fmt: skip
         try:
             rig.wait_record(1, FIRST_RECORD_TIMEOUT)
         except BaseException:
@@ -133,95 +134,6 @@ def _close_fds(fds: list[int]) -> None:
     while fds:
         with contextlib.suppress(OSError):
             os.close(fds.pop())
-
-
-def memory_has(vm: VM, workdir: Path, needles: Sequence[bytes]) -> dict[str, bool]:
-    """Each needle in a pmemsave of all RAM and in dump-guest-memory; the first
-    one also read back with ``xp`` where pmemsave found it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    pmem, dump = workdir / "pmemsave.bin", workdir / "dump.elf"
-    vm.cmd("pmemsave", val=0, size=RAM_MB << 20, filename=str(pmem))
-    vm.cmd("dump-guest-memory", paging=False, protocol=f"file:{dump}", timeout=120)
-    found: dict[str, bool] = {}
-    addr = -1
-    for label, path in (("pmemsave", pmem), ("dump-guest-memory", dump)):
-        data = path.read_bytes()
-        for n in needles:
-            found[f"{label}:{n.decode(errors='replace').strip()}"] = n in data
-        if label == "pmemsave":
-            addr = data.find(needles[0])
-        path.unlink()
-    found["xp"] = addr >= 0 and checks.xp_bytes(vm, addr, len(needles[0])) == needles[0]
-    return found
-
-
-def verify_linux(rig: checks.Rig, what: str, soak_s: float) -> checks.FreezeResult:
-    """checks.verify_frozen's measurements, with the Linux memory check."""
-    vm = rig.vm
-    details: list[str] = []
-    acc = checks.accelerator(vm)
-    before = rig.wait_record(3, 20)
-    rig.listener.wait_for(lambda d: True, timeout=10)
-    details.append(f"records before trigger: {before}, datagrams: {len(rig.listener.datagrams())}")
-    checks.prepare_write_paths(rig)
-    checks.trigger(rig, what)
-    ev = vm.event_wait("FROZEN", checks.FREEZE_EVENT_TIMEOUT)
-    t_frozen = time.monotonic()
-    ts = ev.get("timestamp", {})
-    freeze_wall = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
-    reason = ev.get("data", {}).get("reason")
-    image_at_freeze = rig.image.read_bytes()
-    status = vm.status()
-    last = rig.last_record()
-    details.append(f"FROZEN reason={reason}; status={status}; last record printed={last}")
-
-    view = checks.guest_view(rig.prefix, rig.image, rig.disk_format, rig.workdir / "view.raw")
-    missing = checks.missing_records(checks.parse_records(view, rig.marker), last, rig.sectors)
-    if missing:
-        details.append(f"completed records missing on disk: {missing[:10]}")
-
-    tag = guest.marker_tag(rig.marker)
-    lasts = [guest.last_record_tag(rig.marker, n) for n in (last, last + 1)]
-    found = memory_has(vm, rig.workdir / "mem", [tag, *lasts])
-    marker_ok = all(v for k, v in found.items() if "MARKER" in k) and found["xp"]
-    last_ok = all(
-        any(found[f"{src}:{n.decode().strip()}"] for n in lasts)
-        for src in ("pmemsave", "dump-guest-memory")
-    )
-    details.append(f"memory: marker={marker_ok} last counter={last_ok} ({found})")
-
-    attempts = checks.write_attempts(rig)
-    again = vm.try_cmd("freeze")
-    soak_notes = checks.soak(rig, t_frozen + soak_s, freeze_wall)
-    details += soak_notes
-    soaked = time.monotonic() - t_frozen
-    written = checks.bytes_changed(image_at_freeze, rig.image.read_bytes())
-    if rig.backup_target is not None and rig.backup_target.exists():
-        tgt = rig.backup_target.read_bytes()
-        written += len(tgt) - tgt.count(0)
-    packets = rig.datagrams_after(freeze_wall)
-    frozen_events = len(vm.events("FROZEN"))
-    lock_released, lock_text = rig.standby_opens_rw()
-    if not lock_released:
-        details.append(f"second open: {lock_text[-200:]}")
-    final_status = vm.status() if vm.is_running() else "exited"
-    refusals_held = (all(a.held for a in attempts) and again is None and not soak_notes
-                     and final_status == "frozen")  # fmt: skip
-    for a in attempts:
-        if not a.held:
-            details.append(f"NOT HELD {a.name}: {a.message} (alive={a.alive})")
-    quit_clean = False
-    if vm.is_running():
-        vm.cmd("quit")
-        quit_clean = vm.wait_for_exit(10) == 0
-    return checks.FreezeResult(
-        trigger=what, accelerator=acc, memory_kept=marker_ok and last_ok,
-        bytes_written_after_freeze=written, packets_after_freeze=packets,
-        lock_released=lock_released, refusals_held=refusals_held, details=details,
-        status=status, frozen_events=frozen_events, reason=reason,
-        records_on_disk=last > 0 and not missing, quit_clean=quit_clean,
-        attempts=attempts, soak_s=soaked,
-    )  # fmt: skip
 
 
 class LinuxGuestFreeze(Test):
@@ -252,7 +164,7 @@ class LinuxGuestFreeze(Test):
                        log_dir=Path(self.logdir) / "vm") as rig:  # fmt: skip
             first = time.monotonic() - t0
             try:
-                r = verify_linux(rig, what, SOAK_S)
+                r = checks.verify_frozen(rig, what, SOAK_S)
             except (VMError, checks.CheckError, TimeoutError):
                 rig.vm.mark_failed()
                 raise
