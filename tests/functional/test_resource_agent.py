@@ -1,0 +1,349 @@
+"""Pacemaker's VirtualDomain agent with the frozen series, run for real.
+
+The agent (resource-agents 4.16.0 with patches/resource-agents applied by the
+harness) is invoked directly with the OCF environment, against a private
+virtqemud of the patched libvirt and the probe guest on the patched QEMU on
+KVM.  The cluster flow: start -> monitor running; a freeze (virsh, and a
+guest panic with on_crash=freeze) -> monitor NOT_RUNNING; stop succeeds and
+leaves the domain frozen with its memory; start without frozen_dump_dir
+refuses, with it writes the dump and runs a fresh instance on the same disk;
+stop_failure_action=freeze freezes a domain whose shutdown fails.  The OCF
+return code of every step is logged and kept in ``ocf-codes.json``.
+
+The baseline runs the unpatched agent on the same frozen domain: monitor
+fails with a generic error and stop destroys the domain, memory and all.
+
+Environment: FROZEN_LIBVIRT and FROZEN_QEMU (install prefixes).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from avocado import Test
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # running from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from harness import config, guest, libvirtd, patches  # noqa: E402
+
+OCF_SUCCESS = 0
+OCF_ERR_GENERIC = 1
+OCF_ERR_INSTALLED = 5
+OCF_ERR_CONFIGURED = 6
+OCF_NOT_RUNNING = 7
+AGENT_TIMEOUT = 120.0
+#: CRM operation timeout for stop: the graceful shutdown is given this
+#: minus 5 s before the agent destroys (or freezes) the domain.
+STOP_TIMEOUT_MS = 10000
+
+#: ocf-*.in placeholders -> values for a private OCF root (no install)
+SUBSTITUTIONS = {
+    "@AWK@": "awk", "@EGREP@": "grep -E", "@IFCONFIG_A_OPT@": "", "@MAILCMD@": "mail",
+    "@PING@": "ping", "@SHELL@": "/bin/sh", "@TEST@": "test", "@SSH@": "ssh",
+    "@prefix@": "/usr", "@exec_prefix@": "/usr", "@INITDIR@": "/etc/init.d",
+    "@sysconfdir@": "/etc", "@localstatedir@": "/var", "@HA_VARRUNDIR@": "/run",
+    "@libexecdir@": "/usr/libexec", "@datadir@": "/usr/share", "@sbindir@": "/usr/sbin",
+}  # fmt: skip
+GENERATED = ("ocf-shellfuncs", "ocf-binaries", "ocf-directories")
+COPIED = ("ocf-returncodes", "ocf-rarun", "ocf-distro", "ra-api-1.dtd")
+
+
+def ocf_root(tree: Path, dest: Path, rsctmp: Path) -> Path:
+    """A private OCF root from a resource-agents source tree; returns the agent."""
+    lib = dest / "lib" / "heartbeat"
+    agents = dest / "resource.d" / "heartbeat"
+    lib.mkdir(parents=True, exist_ok=True)
+    agents.mkdir(parents=True, exist_ok=True)
+    values = {**SUBSTITUTIONS, "@OCF_ROOT_DIR@": str(dest), "@HA_RSCTMPDIR@": str(rsctmp)}
+    for name in GENERATED:
+        text = (tree / "heartbeat" / f"{name}.in").read_text()
+        for key, value in values.items():
+            text = text.replace(key, value)
+        left = re.findall(r"@[A-Za-z_]+@", text)
+        if left:
+            raise RuntimeError(f"{name}.in: unsubstituted {sorted(set(left))}")
+        (lib / name).write_text(text)
+    for name in COPIED:
+        shutil.copy2(tree / "heartbeat" / name, lib / name)
+    agent = agents / "VirtualDomain"
+    shutil.copy2(tree / "heartbeat" / "VirtualDomain", agent)
+    agent.chmod(0o755)
+    return agent
+
+
+def prepared_tree(variant: str) -> patches.Tree:
+    """resource-agents with (or, for "stock", without) the series applied.
+
+    Tests run in parallel; the lock keeps them from building one tree twice.
+    """
+    lock_path = config.cache_root() / f".resource-agents-{variant}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return patches.prepare("resource-agents", variant)
+
+
+@dataclass(frozen=True)
+class Result:
+    action: str
+    rc: int
+    output: str
+
+
+class AgentTest(Test):
+    """Shared set-up: builds, KVM, the agent, a private virtqemud.
+
+    :avocado: disable
+    """
+
+    timeout = 600
+    variant = "frozen"
+
+    def setUp(self) -> None:
+        self.libvirt_prefix = self._prefix("FROZEN_LIBVIRT", "patched libvirt")
+        self.qemu_prefix = self._prefix("FROZEN_QEMU", "patched QEMU")
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            self.cancel("/dev/kvm is missing or not accessible: these tests need KVM")
+        self.work = Path(self.workdir)
+        tree = prepared_tree(self.variant)
+        self.rsctmp = self.work / "rsctmp"
+        self.rsctmp.mkdir()
+        self.agent = ocf_root(tree.path, self.work / "ocf", self.rsctmp)
+        self.codes: list[dict[str, object]] = []
+        self.daemon = libvirtd.Virtqemud(self.libvirt_prefix, self.work / "virtqemud")
+        self.daemon.__enter__()
+        self.addCleanup(self._keep_logs)
+        self.addCleanup(self.daemon.close)
+
+    def _prefix(self, variable: str, what: str) -> Path:
+        value = os.environ.get(variable)
+        if not value:
+            self.error(f"{variable} is not set: it must name the install prefix of the {what}; "
+                       "run the suite through the project's test command")
+        return Path(value)
+
+    def _keep_logs(self) -> None:
+        logdir = Path(self.logdir)
+        (logdir / "ocf-codes.json").write_text(json.dumps(self.codes, indent=1))
+        for path in self.daemon.run.private("log").rglob("*"):
+            if path.is_file():
+                (logdir / path.name).write_bytes(path.read_bytes()[-2_000_000:])
+
+    def ocf(self, action: str, config: Path, step: str, interval_ms: int = 0,
+            **params: str) -> Result:
+        """Run the agent once, as Pacemaker would; record the return code."""
+        env = self.daemon.install.env()
+        env.update({
+            "OCF_ROOT": str(self.agent.parents[2]),
+            "OCF_RESOURCE_INSTANCE": "vm-probe",
+            "OCF_RESOURCE_TYPE": "VirtualDomain",
+            "HA_RSCTMP": str(self.rsctmp),
+            "PATH": f"{self.libvirt_prefix / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
+            "OCF_RESKEY_config": str(config),
+            "OCF_RESKEY_hypervisor": self.daemon.uri,
+            "OCF_RESKEY_CRM_meta_interval": str(interval_ms),
+            "OCF_RESKEY_CRM_meta_timeout": str(STOP_TIMEOUT_MS),
+            "OCF_RESKEY_autoset_utilization_cpu": "false",
+            "OCF_RESKEY_autoset_utilization_hv_memory": "false",
+            "OCF_RESKEY_autoset_utilization_host_memory": "false",
+        })
+        env.update({f"OCF_RESKEY_{k}": v for k, v in params.items()})
+        proc = subprocess.run([str(self.agent), action], env=env, capture_output=True,
+                              text=True, timeout=AGENT_TIMEOUT)
+        output = proc.stdout + proc.stderr
+        self.log.info("OCF %-28s %-13s rc=%d", step, action, proc.returncode)
+        for line in output.splitlines():
+            if action != "meta-data":
+                self.log.debug("    %s", line)
+        self.codes.append({"step": step, "action": action, "rc": proc.returncode,
+                           "params": params})
+        return Result(action, proc.returncode, output)
+
+    def domstate(self, name: str) -> str:
+        """``virsh domstate --reason``, or "absent" when there is no such domain."""
+        r = self.daemon.virsh("domstate", "--reason", name, check=False)
+        if r.returncode == 0:
+            return r.stdout.strip()
+        if "failed to get domain" in r.stderr.lower():
+            return "absent"
+        raise AssertionError(f"virsh domstate {name}: {r.stderr.strip()}")
+
+    def wait_state(self, name: str, prefix: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while not (state := self.domstate(name)).startswith(prefix):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: state {state!r}, expected {prefix!r}")
+            time.sleep(0.1)  # poll interval
+        return state
+
+    def qemu_pid(self, name: str) -> int:
+        pidfile = self.daemon.run.private("run") / "qemu" / f"{name}.pid"
+        return int(pidfile.read_text().strip())
+
+    def dump_has_marker(self, probe: libvirtd.ProbeGuest) -> bool:
+        dump = self.work / f"check-{time.monotonic_ns()}.core"
+        self.daemon.virsh("dump", "--memory-only", probe.name, str(dump))
+        try:
+            return guest.marker_tag(probe.marker) in dump.read_bytes()
+        finally:
+            dump.unlink(missing_ok=True)
+
+
+class ResourceAgentFrozen(AgentTest):
+    """:avocado: enable"""
+
+    def test_meta_data_and_validate(self) -> None:
+        with libvirtd.probe_guest(self.daemon, self.qemu_prefix, self.work / "g",
+                                  start=False) as probe:
+            cfg = probe.xml_path
+            md = self.ocf("meta-data", cfg, "meta-data")
+            self.assertEqual(md.rc, OCF_SUCCESS)
+            for param in ("frozen_dump_dir", "stop_failure_action"):
+                self.assertIn(f'<parameter name="{param}"', md.output)
+            dtd = self.agent.parents[2] / "lib" / "heartbeat" / "ra-api-1.dtd"
+            xml = self.work / "meta-data.xml"
+            xml.write_text(md.output)
+            lint = subprocess.run(["xmllint", "--noout", "--dtdvalid", str(dtd), str(xml)],
+                                  capture_output=True, text=True)
+            self.assertEqual(lint.returncode, 0, lint.stderr)
+            dumps = self.work / "dumps"
+            dumps.mkdir()
+            checks = [
+                ("validate ok", {"frozen_dump_dir": str(dumps),
+                                 "stop_failure_action": "freeze"}, OCF_SUCCESS),
+                ("validate bad action", {"stop_failure_action": "pause"}, OCF_ERR_CONFIGURED),
+                ("validate relative dir", {"frozen_dump_dir": "dumps"}, OCF_ERR_CONFIGURED),
+                ("validate missing dir", {"frozen_dump_dir": str(self.work / "nope")},
+                 OCF_ERR_INSTALLED),
+            ]  # fmt: skip
+            for step, params, want in checks:
+                self.assertEqual(self.ocf("validate-all", cfg, step, **params).rc, want, step)
+            # start refuses a bad configuration before touching anything
+            r = self.ocf("start", cfg, "start, bad action", stop_failure_action="pause")
+            self.assertEqual(r.rc, OCF_ERR_CONFIGURED)
+            self.assertEqual(self.domstate(probe.name), "absent")
+            # ... but monitor (and stop) never fail validation on the new
+            # parameters: an invalid environment would make stop succeed
+            # without stopping and a probe report a running domain stopped.
+            for step, params in (("monitor, missing dir", {"frozen_dump_dir": "nope"}),
+                                 ("monitor, bad action", {"stop_failure_action": "pause"})):
+                r = self.ocf("monitor", cfg, step, interval_ms=10000, **params)
+                self.assertEqual(r.rc, OCF_NOT_RUNNING, step)
+
+    def test_cluster_flow(self) -> None:
+        dumps = self.work / "dumps"
+        dumps.mkdir()
+        with libvirtd.probe_guest(self.daemon, self.qemu_prefix, self.work / "g", start=False,
+                                  on_crash="freeze") as probe:
+            cfg, name = probe.xml_path, probe.name
+            self.assertEqual(self.ocf("monitor", cfg, "probe before start").rc, OCF_NOT_RUNNING)
+
+            # start -> running
+            self.assertEqual(self.ocf("start", cfg, "start").rc, OCF_SUCCESS)
+            probe.wait_record(3, 60)
+            self.assertEqual(self.ocf("monitor", cfg, "monitor running", 10000).rc, OCF_SUCCESS)
+
+            # virsh freeze -> NOT_RUNNING; stop leaves it frozen with memory
+            self.daemon.virsh("freeze", name)
+            self._frozen_is_stopped(probe, "user")
+
+            # start without frozen_dump_dir refuses and keeps the domain
+            r = self.ocf("start", cfg, "start over frozen, no dir")
+            self.assertEqual(r.rc, OCF_ERR_GENERIC)
+            self.assertIn("frozen", r.output)
+            self.assertEqual(self.domstate(name), "frozen (user)")
+
+            # with frozen_dump_dir: dump, destroy, a fresh instance on the same disk
+            self._restart_with_dump(probe, dumps, expected_dumps=1)
+
+            # guest panic with on_crash=freeze -> NOT_RUNNING, stop keeps it
+            probe.command(guest.CMD_PANIC)
+            self.wait_state(name, "frozen")
+            self._frozen_is_stopped(probe, "panicked")
+            self._restart_with_dump(probe, dumps, expected_dumps=2)
+
+            # a shutdown that fails: stop_failure_action=freeze freezes
+            r = self.ocf("stop", cfg, "stop, failure action freeze",
+                         stop_failure_action="freeze")
+            self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+            self.assertEqual(self.domstate(name), "frozen (user)")
+            self.assertTrue(self.dump_has_marker(probe))
+            self.assertEqual(self.ocf("monitor", cfg, "monitor after freeze-stop", 10000).rc,
+                             OCF_NOT_RUNNING)
+            self._restart_with_dump(probe, dumps, expected_dumps=3)
+
+            # the default is unchanged: the domain is destroyed
+            r = self.ocf("stop", cfg, "stop, default action")
+            self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+            self.assertEqual(self.domstate(name), "absent")
+            self.assertEqual(self.ocf("monitor", cfg, "monitor after destroy", 10000).rc,
+                             OCF_NOT_RUNNING)
+
+    def _frozen_is_stopped(self, probe: libvirtd.ProbeGuest, reason: str) -> None:
+        cfg, name = probe.xml_path, probe.name
+        pid = self.qemu_pid(name)
+        r = self.ocf("monitor", cfg, f"monitor frozen ({reason})", 10000)
+        self.assertEqual(r.rc, OCF_NOT_RUNNING, r.output)
+        self.assertIn(f"frozen ({reason})", r.output)
+        self.assertIn("memory preserved", r.output)
+        self.assertEqual(self.ocf("monitor", cfg, f"probe frozen ({reason})").rc,
+                         OCF_NOT_RUNNING)
+        r = self.ocf("stop", cfg, f"stop frozen ({reason})")
+        self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+        self.assertEqual(self.domstate(name), f"frozen ({reason})")
+        self.assertEqual(self.qemu_pid(name), pid, "stop replaced the QEMU process")
+        self.assertTrue(self.dump_has_marker(probe), "the marker is not in the frozen memory")
+
+    def _restart_with_dump(self, probe: libvirtd.ProbeGuest, dumps: Path,
+                           expected_dumps: int) -> None:
+        cfg, name = probe.xml_path, probe.name
+        old_pid = self.qemu_pid(name)
+        disk_before = probe.domain.disk.read_bytes()
+        r = self.ocf("start", cfg, "start over frozen, dump dir", frozen_dump_dir=str(dumps))
+        self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+        cores = sorted(dumps.glob(f"{name}-frozen-*.core"))
+        self.assertEqual(len(cores), expected_dumps, cores)
+        self.assertIn(guest.marker_tag(probe.marker), cores[-1].read_bytes())
+        self.assertTrue(self.domstate(name).startswith("running"))
+        self.assertNotEqual(self.qemu_pid(name), old_pid, "no fresh QEMU")
+        probe.wait_record(3, 60)
+        self.assertNotEqual(probe.domain.disk.read_bytes(), disk_before,
+                            "the fresh instance did not write to the disk")
+        self.assertEqual(self.ocf("monitor", cfg, "monitor fresh instance", 10000).rc,
+                         OCF_SUCCESS)
+
+
+class ResourceAgentBaseline(AgentTest):
+    """The unpatched agent on a frozen domain.
+
+    :avocado: enable
+    """
+
+    variant = "stock"
+
+    def test_stock_agent_on_frozen_domain(self) -> None:
+        with libvirtd.probe_guest(self.daemon, self.qemu_prefix, self.work / "g") as probe:
+            cfg, name = probe.xml_path, probe.name
+            self.daemon.virsh("suspend", name)
+            r = self.ocf("monitor", cfg, "stock monitor paused", 10000)
+            self.assertEqual(r.rc, OCF_SUCCESS, "stock agent: paused counts as running")
+            self.daemon.virsh("resume", name)
+            self.daemon.virsh("freeze", name)
+            self.wait_state(name, "frozen")
+            r = self.ocf("monitor", cfg, "stock monitor frozen", 10000)
+            self.assertEqual(r.rc, OCF_ERR_GENERIC, r.output)
+            self.assertIn("unknown status", r.output)
+            r = self.ocf("stop", cfg, "stock stop frozen")
+            self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+            self.assertEqual(self.domstate(name), "absent", "stock stop kept the domain")
