@@ -251,6 +251,8 @@ def run_gate(project: str, gate: str, *, local: Path | None = None,
     files = patches.series(project)
     if gate == "shape":
         return [shape(p) for p in files]
+    if project not in config.BUILT_PROJECTS:
+        return []  # resource-agents is shell: nothing to build or check with C tools
     if gate == "debian-apply":
         return debian_apply(project, files)
     applies = {"checkpatch": project == "qemu" and bool(files),

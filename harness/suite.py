@@ -156,12 +156,13 @@ def stage_gates(suite: Suite, args: argparse.Namespace) -> None:
     """The maintainer's gates on both series (`frozen check` runs the same)."""
     start = time.monotonic()
     results: list[gates.GateResult] = []
-    for project in config.BUILT_PROJECTS:
+    for project in config.PROJECTS:
         for gate in gates.GATES:
             if gate == "syntax-check":
                 continue  # libvirt's meson test runs it, in stage libvirt-in-tree
             try:
-                results += gates.run_gate(project, gate, local=getattr(args, f"{project}_src"),
+                results += gates.run_gate(project, gate,
+                                          local=getattr(args, f"{project}_src", None),
                                           jobs=args.jobs)
             except (build.BuildError, patches.PatchError, patches.SeriesError) as exc:
                 results.append(gates.GateResult(gate, project, False, str(exc)))
