@@ -17,11 +17,12 @@ import email.policy
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import build, config, distro, patches
+from harness import build, config, distro, patches, sources
 from harness.patches import Tree, series_digest
 from harness.progress import say
 
@@ -118,7 +119,8 @@ def bisect(tree: Tree, *, jobs: int | None = None) -> list[GateResult]:
             continue
         say(f"bisect {tree.project}: building patch {index}/{len(commits)} {patch.name}")
         result = _build_commit(tree, bisect_tree, commit, patch, jobs)
-        stamp.write_text(json.dumps({"key": key, "ok": result.ok, "detail": result.detail}))
+        if result.ok:  # a failure is rebuilt next time, never remembered
+            stamp.write_text(json.dumps({"key": key, "ok": True, "detail": result.detail}))
         results.append(result)
     return results
 
@@ -128,7 +130,10 @@ def _build_commit(tree: Tree, bisect_tree: Path, commit: str, patch: Path,
     if not (bisect_tree / ".git").exists():
         subprocess.run(["git", "clone", "--quiet", "--shared", str(tree.path),
                         str(bisect_tree)], check=True)
-        (bisect_tree / ".git" / "info" / "exclude").write_text("/build/\n")
+    sources.write_excludes(bisect_tree, tree.base)
+    for path in tree.base.untracked:  # not in git, so not in the clone
+        if not (bisect_tree / path).exists():
+            shutil.copytree(tree.path / path, bisect_tree / path, symlinks=True)
     subprocess.run(["git", "-C", str(bisect_tree), "fetch", "--quiet", str(tree.path), commit],
                    check=True)
     subprocess.run(["git", "-C", str(bisect_tree), "checkout", "--quiet", "--force", commit],
