@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,11 +89,15 @@ def _bisect_stamp_dir() -> Path:
     return path
 
 
-def bisect(tree: Tree, *, jobs: int | None = None) -> list[GateResult]:
+def bisect(tree: Tree, *, jobs: int | None = None,
+           deadline: float | None = None) -> list[GateResult]:
     """Build every prefix of the series in one incremental build dir.
 
     The full series is the regular build, so prefixes 1..N-1 are built here,
     in a separate work tree whose build dir shares ccache with the others.
+    With a `deadline` (time.monotonic()), prefixes not started by then are
+    reported as skipped, never as passed; built ones stay cached, so the
+    next run goes on from there.
     """
     results = []
     commits = subprocess.run(
@@ -116,6 +121,12 @@ def bisect(tree: Tree, *, jobs: int | None = None) -> list[GateResult]:
         if cached and cached.get("key") == key:
             results.append(GateResult("bisect", patch.name, cached["ok"],
                                       cached["detail"] + " (cached result)"))
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            results.append(GateResult(
+                "bisect", patch.name, True, skipped=True,
+                detail="not built: the bisect time budget ran out; "
+                       f"`frozen check --project {tree.project} --gate bisect` builds it"))
             continue
         say(f"bisect {tree.project}: building patch {index}/{len(commits)} {patch.name}")
         result = _build_commit(tree, bisect_tree, commit, patch, jobs)
@@ -251,7 +262,7 @@ GATES = ("shape", "checkpatch", "syntax-check", "debian-apply", "bisect")
 
 
 def run_gate(project: str, gate: str, *, local: Path | None = None,
-             jobs: int | None = None) -> list[GateResult]:
+             jobs: int | None = None, deadline: float | None = None) -> list[GateResult]:
     """The results of one gate on `project`'s series; [] where it does not apply."""
     files = patches.series(project)
     if gate == "shape":
@@ -272,4 +283,4 @@ def run_gate(project: str, gate: str, *, local: Path | None = None,
         return [checkpatch(tree.path, p) for p in files]
     if gate == "syntax-check":
         return syntax_check(tree.path)
-    return bisect(tree, jobs=jobs)
+    return bisect(tree, jobs=jobs, deadline=deadline)

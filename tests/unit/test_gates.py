@@ -67,3 +67,27 @@ def test_junit_counts_and_missing_file(tmp_path: Path) -> None:
     assert counts.failures == ["gates.g::b"]
     missing = suite.junit_counts(tmp_path / "none.xml")
     assert missing.failed == 1, "a stage that wrote no results counts as failed"
+
+
+def test_bisect_past_its_deadline_skips_instead_of_passing(tmp_path: Path, upstream: Path) -> None:
+    from conftest import git
+
+    from harness import patches
+
+    work = tmp_path / "work"
+    git(tmp_path, "clone", "-q", str(upstream), str(work))
+    git(work, "config", "user.name", "Test Identity")
+    git(work, "config", "user.email", "test@example.invalid")
+    for i in range(3):
+        (work / f"f{i}.c").write_text(f"int f{i};\n")
+        git(work, "add", f"f{i}.c")
+        git(work, "commit", "-q", "-s", "-m", f"monitor: add f{i}\n\nWhy.")
+    series_dir = tmp_path / "series"
+    names = [Path(p).name for p in
+             git(work, "format-patch", "-o", str(series_dir), "origin/master").split()]
+    (series_dir / "series").write_text("".join(n + "\n" for n in names))
+    tree = patches.prepare("qemu", local=upstream, path=tmp_path / "tree", series_dir=series_dir)
+    results = gates.bisect(tree, deadline=0.0)
+    assert [r.patch for r in results] == names
+    assert all(r.skipped and "budget" in r.detail for r in results[:-1])
+    assert not results[-1].skipped and "regular build" in results[-1].detail
