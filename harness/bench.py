@@ -244,12 +244,18 @@ def builds() -> dict[str, Any]:
 
 
 def _incremental_qemu() -> float | None:
-    """Touch the files of the series' last patch and time the rebuild."""
+    """Touch the files of the newest patch that changes C and time the rebuild."""
     tree = patches.tree_path("qemu", "frozen")
     if not (tree / "build" / "build.ninja").exists():
         return None
-    files = subprocess.run(["git", "-C", str(tree), "diff", "--name-only", "HEAD~1", "HEAD"],
-                           check=True, capture_output=True, text=True).stdout.split()
+    files: list[str] = []
+    for commit in subprocess.run(["git", "-C", str(tree), "rev-list", "fixups..HEAD"],
+                                 check=True, capture_output=True, text=True).stdout.split():
+        files = subprocess.run(["git", "-C", str(tree), "diff-tree", "--no-commit-id",
+                                "--name-only", "-r", commit],
+                               check=True, capture_output=True, text=True).stdout.split()
+        if any(name.endswith((".c", ".h")) for name in files):
+            break
     now = time.time()
     for name in files:
         if (tree / name).exists():
