@@ -317,7 +317,7 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"  {key:15s} recorded build {b[key]['recorded_build_s']:7.0f} s, "
                          f"warm run {b[key]['warm_run_s']:.1f} s")
         if b.get("qemu_incremental_s") is not None:
-            lines.append(f"  qemu incremental after touching the last patch: "
+            lines.append(f"  qemu incremental after touching a patch that changes C: "
                          f"{b['qemu_incremental_s']:.0f} s")
     return "\n".join(lines)
 
