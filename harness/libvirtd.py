@@ -444,6 +444,12 @@ class Virtqemud:
         self.stop()
         self.start()
 
+    def copy_logs(self, dest: Path, limit: int = 2_000_000) -> None:
+        """Copy the daemon's and the domains' logs (their last `limit` bytes)."""
+        for path in self.run.private("log").rglob("*"):
+            if path.is_file():
+                (dest / path.name).write_bytes(path.read_bytes()[-limit:])
+
     def close(self) -> None:
         """Stop the daemon, then end the QEMU processes left; by PID."""
         sup, self._sup = self._sup, None

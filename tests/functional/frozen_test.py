@@ -35,6 +35,15 @@ def firmware_dirs(prefix: Path) -> list[Path]:
     return [*extra, *(d for d in DEBIAN_FIRMWARE if d.is_dir())]
 
 
+def require_prefix(test: Test, variable: str, what: str) -> Path:
+    """The install prefix in $variable; a missing one is an ERROR, never a skip."""
+    value = os.environ.get(variable)
+    if not value:
+        test.error(f"{variable} is not set: it must name the install prefix of the {what}; "
+                   "run the suite through the project's test command")
+    return Path(value)
+
+
 class FrozenTest(Test):
     """Base class; subclasses set ``prefix_variable``.
 
@@ -46,13 +55,8 @@ class FrozenTest(Test):
     timeout = 180
 
     def setUp(self) -> None:
-        value = os.environ.get(self.prefix_variable)
-        if not value:
-            self.error(
-                f"{self.prefix_variable} is not set: it must name the install prefix of "
-                f"the {self.what}; run the suite through the project's test command"
-            )
-        self.prefix = Path(value)
+        self.prefix = require_prefix(self, self.prefix_variable, self.what)
+        value = str(self.prefix)
         binary = system_binary(self.prefix)
         if not os.access(binary, os.X_OK):
             self.error(f"{self.prefix_variable}={value}: {binary} is missing")

@@ -39,6 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from frozen_test import require_prefix  # noqa: E402
+
 from harness import config, guest, libvirtd  # noqa: E402
 from harness.vm import system_binary  # noqa: E402
 
@@ -142,28 +144,15 @@ class LibvirtTest(Test):
     qemu_variable = "FROZEN_QEMU"
 
     def setUp(self) -> None:
-        self.libvirt_prefix = self._prefix("FROZEN_LIBVIRT", "patched libvirt")
-        self.qemu_prefix = self._prefix(self.qemu_variable, "QEMU for this test")
+        self.libvirt_prefix = require_prefix(self, "FROZEN_LIBVIRT", "patched libvirt")
+        self.qemu_prefix = require_prefix(self, self.qemu_variable, "QEMU for this test")
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             self.cancel("/dev/kvm is missing or not accessible: these tests need KVM")
         self.work = Path(self.workdir)
         self.daemon = libvirtd.Virtqemud(self.libvirt_prefix, self.work / "virtqemud")
         self.daemon.__enter__()
-        self.addCleanup(self._keep_logs)
+        self.addCleanup(self.daemon.copy_logs, Path(self.logdir))
         self.addCleanup(self.daemon.close)
-
-    def _prefix(self, variable: str, what: str) -> Path:
-        value = os.environ.get(variable)
-        if not value:
-            self.error(f"{variable} is not set: it must name the install prefix of the {what}; "
-                       "run the suite through the project's test command")
-        return Path(value)
-
-    def _keep_logs(self) -> None:
-        logdir = Path(self.logdir)
-        for path in self.daemon.run.private("log").rglob("*"):
-            if path.is_file():
-                (logdir / path.name).write_bytes(path.read_bytes()[-2_000_000:])
 
     def libvirt(self) -> Any:
         site = libvirtd.build_libvirt_python(

@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from frozen_test import require_prefix  # noqa: E402
+
 from harness import config, guest, libvirtd, patches  # noqa: E402
 
 OCF_SUCCESS = 0
@@ -111,8 +113,8 @@ class AgentTest(Test):
     variant = "frozen"
 
     def setUp(self) -> None:
-        self.libvirt_prefix = self._prefix("FROZEN_LIBVIRT", "patched libvirt")
-        self.qemu_prefix = self._prefix("FROZEN_QEMU", "patched QEMU")
+        self.libvirt_prefix = require_prefix(self, "FROZEN_LIBVIRT", "patched libvirt")
+        self.qemu_prefix = require_prefix(self, "FROZEN_QEMU", "patched QEMU")
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             self.cancel("/dev/kvm is missing or not accessible: these tests need KVM")
         self.work = Path(self.workdir)
@@ -126,19 +128,10 @@ class AgentTest(Test):
         self.addCleanup(self._keep_logs)
         self.addCleanup(self.daemon.close)
 
-    def _prefix(self, variable: str, what: str) -> Path:
-        value = os.environ.get(variable)
-        if not value:
-            self.error(f"{variable} is not set: it must name the install prefix of the {what}; "
-                       "run the suite through the project's test command")
-        return Path(value)
-
     def _keep_logs(self) -> None:
         logdir = Path(self.logdir)
         (logdir / "ocf-codes.json").write_text(json.dumps(self.codes, indent=1))
-        for path in self.daemon.run.private("log").rglob("*"):
-            if path.is_file():
-                (logdir / path.name).write_bytes(path.read_bytes()[-2_000_000:])
+        self.daemon.copy_logs(logdir)
 
     def ocf(self, action: str, config: Path, step: str, interval_ms: int = 0,
             **params: str) -> Result:
