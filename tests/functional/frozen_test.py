@@ -44,6 +44,26 @@ def require_prefix(test: Test, variable: str, what: str) -> Path:
     return Path(value)
 
 
+def assert_frozen(test: Test, r: checks.FreezeResult, what: str, accel: str,
+                  soak_s: float) -> None:
+    """Every promise of the frozen state, for the result of one trigger."""
+    why = "; ".join(r.details)
+    test.assertEqual(r.accelerator, accel)
+    test.assertEqual(r.status, "frozen", why)
+    test.assertEqual(r.reason, checks.REASONS[what], why)
+    test.assertEqual(r.frozen_events, 1, why)
+    test.assertTrue(r.memory_kept, why)
+    test.assertTrue(r.records_on_disk, why)
+    test.assertEqual(r.bytes_written_after_freeze, 0, why)
+    test.assertEqual(r.packets_after_freeze, 0, why)
+    test.assertTrue(r.refusals_held, why)
+    cont = next(a for a in r.attempts if a.name == "cont")
+    test.assertIn("frozen", cont.message.lower(), "cont refusal does not name the state")
+    test.assertTrue(r.lock_released, why)
+    test.assertTrue(r.quit_clean, why)
+    test.assertGreaterEqual(r.soak_s, soak_s)
+
+
 class FrozenTest(Test):
     """Base class; subclasses set ``prefix_variable``.
 

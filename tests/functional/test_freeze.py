@@ -12,7 +12,7 @@ spread across the triggers.
 
 from __future__ import annotations
 
-from frozen_test import FrozenTest
+from frozen_test import FrozenTest, assert_frozen
 
 from harness import checks
 
@@ -50,21 +50,7 @@ class Freeze(FrozenTest):
         for a in r.attempts:
             self.log.info("attempt %-30s refused=%s alive=%s frozen=%s: %s",
                           a.name, a.refused, a.alive, a.still_frozen, a.message)  # fmt: skip
-        why = "; ".join(r.details)
-        self.assertEqual(r.accelerator, "kvm")
-        self.assertEqual(r.status, "frozen", why)
-        self.assertEqual(r.reason, checks.REASONS[what], why)
-        self.assertEqual(r.frozen_events, 1, why)
-        self.assertTrue(r.memory_kept, why)
-        self.assertTrue(r.records_on_disk, why)
-        self.assertEqual(r.bytes_written_after_freeze, 0, why)
-        self.assertEqual(r.packets_after_freeze, 0, why)
-        self.assertTrue(r.refusals_held, why)
-        cont = next(a for a in r.attempts if a.name == "cont")
-        self.assertIn("frozen", cont.message.lower(), "cont refusal does not name the state")
-        self.assertTrue(r.lock_released, why)
-        self.assertTrue(r.quit_clean, why)
-        self.assertGreaterEqual(r.soak_s, soak_s)
+        assert_frozen(self, r, what, "kvm", soak_s)
 
     def test_qmp_freeze_raw_user_soak30(self) -> None:
         """The representative case: a 30 s soak."""
