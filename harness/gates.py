@@ -2,7 +2,9 @@
 
 * checkpatch: QEMU's own scripts/checkpatch.pl, 0 errors and 0 warnings;
 * shape: subject <= 76 chars with a subsystem prefix, a body, Signed-off-by;
-* bisect: every prefix of the series builds (incremental, ccache);
+* bisect: every prefix of the series builds (incremental, ccache); for
+  libvirt, whose contribution rules ask it of every patch, each prefix
+  also passes its whole `meson test` (syntax-check included);
 * debian-apply: the series applies with fuzz 0 after Debian's own series;
 * syntax-check: libvirt's own syntax checks, on what the series touches.
 
@@ -83,6 +85,10 @@ def checkpatch(tree: Path, patch: Path) -> GateResult:
                                                                  else ""))
 
 
+#: what a bisect step proves, per project: part of the cached result's key
+BISECT_CHECKS = {"qemu": "build", "libvirt": "build+meson-test"}
+
+
 def _bisect_stamp_dir() -> Path:
     path = config.cache_root() / "gates"
     path.mkdir(parents=True, exist_ok=True)
@@ -115,7 +121,8 @@ def bisect(tree: Tree, *, jobs: int | None = None,
                                       "full series: built by the regular build"))
             continue
         key = hashlib.sha256((series_digest(list(tree.patches[:index])) + tree.base.ident +
-                              "\0".join(options) + build.RECIPE_VERSION).encode()).hexdigest()
+                              "\0".join(options) + build.RECIPE_VERSION +
+                              BISECT_CHECKS[tree.project]).encode()).hexdigest()
         stamp = _bisect_stamp_dir() / f"{tree.project}-{key[:16]}.json"
         cached = json.loads(stamp.read_text()) if stamp.exists() else None
         if cached and cached.get("key") == key:
@@ -155,23 +162,58 @@ def _build_commit(tree: Tree, bisect_tree: Path, commit: str, patch: Path,
     log.write_text("")
     env = build.build_env(bisect_tree)
     jobs = jobs or 2
+    # The results are keyed by the options: configure again when they change.
+    configured = build_dir / "frozen-options.txt"
+    if tree.project == "qemu":
+        configure = [str(bisect_tree / "configure"),
+                     *build.qemu_configure_args(bisect_tree / "prefix-unused")]
+    else:
+        configure = ["meson", "setup", str(build_dir), str(bisect_tree),
+                     *build.libvirt_options(bisect_tree / "prefix-unused")]
+        if (build_dir / "build.ninja").exists():
+            configure.insert(2, "--reconfigure")
+    wanted = "\n".join(arg for arg in configure if arg != "--reconfigure")
     try:
+        if not (build_dir / "build.ninja").exists() or \
+                not configured.exists() or configured.read_text() != wanted:
+            configured.unlink(missing_ok=True)
+            build.run_logged(configure, log, env, "bisect configure", cwd=build_dir)
+            configured.write_text(wanted)
         if tree.project == "qemu":
-            if not (build_dir / "build.ninja").exists():
-                build.run_logged([str(bisect_tree / "configure"), *build.qemu_configure_args(
-                    bisect_tree / "prefix-unused")], log, env, "bisect configure", cwd=build_dir)
             build.run_logged(["make", "-C", str(build_dir), f"-j{jobs}"], log, env,
                              f"bisect build {patch.name}")
         else:
-            if not (build_dir / "build.ninja").exists():
-                build.run_logged(["meson", "setup", str(build_dir), str(bisect_tree),
-                                  *build.libvirt_options(bisect_tree / "prefix-unused")],
-                                 log, env, "bisect configure")
             build.run_logged(["ninja", "-C", str(build_dir), f"-j{jobs}"], log, env,
                              f"bisect build {patch.name}")
     except build.BuildError as exc:
         return GateResult("bisect", patch.name, False, str(exc))
+    if tree.project == "libvirt":
+        return _meson_test(build_dir, patch, env, jobs)
     return GateResult("bisect", patch.name, True, "builds")
+
+
+def _meson_test(build_dir: Path, patch: Path, env: dict[str, str], jobs: int) -> GateResult:
+    """The whole `meson test` of a built prefix: every test passes or is skipped."""
+    say(f"bisect: meson test after {patch.name}")
+    testlog = build_dir / "meson-logs" / "testlog.json"
+    testlog.unlink(missing_ok=True)
+    proc = subprocess.run(["meson", "test", "-C", str(build_dir), "--no-rebuild",
+                           "--print-errorlogs", f"--num-processes={jobs}"],
+                          capture_output=True, text=True, env=env)
+    tests = [json.loads(line) for line in testlog.read_text().splitlines()] \
+        if testlog.exists() else []
+    if not tests:
+        return GateResult("bisect", patch.name, False, "builds, but meson test ran nothing:\n"
+                          + (proc.stdout + proc.stderr)[-1500:])
+    counts: dict[str, int] = {}
+    for test in tests:
+        counts[test["result"]] = counts.get(test["result"], 0) + 1
+    summary = ", ".join(f"{n} {result.lower()}" for result, n in sorted(counts.items()))
+    failed = [t["name"] for t in tests if t["result"] not in ("OK", "SKIP", "EXPECTEDFAIL")]
+    if failed or proc.returncode != 0:
+        return GateResult("bisect", patch.name, False,
+                          f"builds; meson test: {summary}; failing: {', '.join(failed)}")
+    return GateResult("bisect", patch.name, True, f"builds; meson test: {summary}")
 
 
 # --------------------------------------------------------------------------

@@ -91,3 +91,37 @@ def test_bisect_past_its_deadline_skips_instead_of_passing(tmp_path: Path, upstr
     assert [r.patch for r in results] == names
     assert all(r.skipped and "budget" in r.detail for r in results[:-1])
     assert not results[-1].skipped and "regular build" in results[-1].detail
+
+
+def _fake_meson(tmp_path: Path, results: list[str], rc: int) -> dict[str, str]:
+    """A `meson` on PATH whose `meson test` writes a testlog with `results`."""
+    import json
+    import os
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    lines = "".join(json.dumps({"name": f"libvirt:t{i}", "result": r}) + "\n"
+                    for i, r in enumerate(results))
+    script = bindir / "meson"
+    script.write_text("#!/bin/sh\n"
+                      'mkdir -p "$3/meson-logs"\n'
+                      f"cat > \"$3/meson-logs/testlog.json\" <<'END'\n{lines}END\n"
+                      f"exit {rc}\n")
+    script.chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def test_bisect_meson_test_counts_every_result(tmp_path: Path) -> None:
+    env = _fake_meson(tmp_path, ["OK", "OK", "SKIP", "EXPECTEDFAIL"], 0)
+    result = gates._meson_test(tmp_path / "build", Path("0001-x.patch"), env, 2)
+    assert result.ok, result.detail
+    assert "2 ok" in result.detail and "1 skip" in result.detail
+    assert "1 expectedfail" in result.detail
+
+
+def test_bisect_meson_test_names_the_failing_tests(tmp_path: Path) -> None:
+    env = _fake_meson(tmp_path, ["OK", "FAIL", "TIMEOUT"], 1)
+    result = gates._meson_test(tmp_path / "build", Path("0002-y.patch"), env, 2)
+    assert not result.ok
+    assert "libvirt:t1" in result.detail and "libvirt:t2" in result.detail
+    assert "libvirt:t0" not in result.detail.split("failing:")[1]
