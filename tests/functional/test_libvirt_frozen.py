@@ -5,9 +5,10 @@ the patched QEMU through a private virtqemud of the patched libvirt
 (harness.libvirtd), freezes it by one trigger (``virsh freeze``,
 ``virDomainFreeze``, ``<on_crash>freeze</on_crash>`` + guest panic,
 ``<watchdog action='freeze'/>``) and checks, through virsh AND
-libvirt-python: state and reason, exactly one lifecycle event, resume /
-suspend / save / snapshot / migrate (and reset, via virsh) refused with an
-error naming the frozen state, the guest marker in a memory-only dump, disk
+libvirt-python: state and reason, exactly one lifecycle event, resume,
+suspend, save, managed save, snapshot, migrate, reset, reboot, shutdown, PM
+wakeup, NMI, hotplug, block jobs and link up refused with VIR_ERR_OPERATION_INVALID
+naming the frozen state, the guest marker in a memory-only dump, disk
 bytes unchanged and no datagram after the freeze, the state across a
 virtqemud restart, and ``destroy``.
 
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,21 @@ SYNC_XML = """<domain type='kvm'><name>evsync</name><memory unit='MiB'>16</memor
 <os><type arch='x86_64' machine='pc'>hvm</type></os>
 <devices><emulator>{emulator}</emulator></devices></domain>
 """
+#: a disk to hot-plug into a frozen domain (the file is never opened)
+HOTPLUG_XML = """<disk type='file' device='disk'><driver name='qemu' type='raw'/>
+<source file='{path}'/><target dev='vdb' bus='virtio'/></disk>
+"""
+def _link_up(domain_xml: str) -> str:
+    """The domain's NIC as it is, with its link set up (what domif-setlink sends)."""
+    nic = ET.fromstring(domain_xml).find("devices/interface")
+    assert nic is not None, "the probe domain has no NIC"
+    link = nic.find("link")
+    if link is None:
+        link = ET.SubElement(nic, "link")
+    link.set("state", "up")
+    return ET.tostring(nic, encoding="unicode")
+
+
 #: how a refusal names the state (libvirt: "domain 'x' is frozen (reason: ...)")
 FROZEN_ERROR = r"(?i)\bis frozen\b"
 #: a migration destination that does not exist: the refusal must come first
@@ -299,8 +316,23 @@ class LibvirtFrozen(LibvirtTest):
             "suspend": dom.suspend,
             "save": lambda: dom.save(str(self.work / "save-py.img")),
             "snapshot": lambda: dom.snapshotCreateXML("<domainsnapshot/>"),
+            "managed save": dom.managedSave,
             "migrate": lambda: dom.migrateToURI3(
                 NOWHERE, {}, libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_LIVE),
+            # anything that would run the guest again, or touch its disks
+            "reset": dom.reset,
+            "reboot": lambda: dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN),
+            "shutdown": lambda: dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN),
+            "pm wakeup": dom.pMWakeup,
+            "inject nmi": dom.injectNMI,
+            "hotplug": lambda: dom.attachDeviceFlags(
+                HOTPLUG_XML.format(path=self.work / "hotplug.img"),
+                libvirt.VIR_DOMAIN_AFFECT_LIVE),
+            "block pull": lambda: dom.blockPull("vda"),
+            "block commit": lambda: dom.blockCommit("vda", None, None),
+            "block resize": lambda: dom.blockResize("vda", 1 << 20),
+            "link up": lambda: dom.updateDeviceFlags(_link_up(dom.XMLDesc()),
+                                                     libvirt.VIR_DOMAIN_AFFECT_LIVE),
         }
         for what, call in attempts.items():
             with self.assertRaises(libvirt.libvirtError, msg=f"{what} was not refused") as cm:
