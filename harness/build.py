@@ -50,8 +50,10 @@ def qemu_options() -> list[str]:
 
     x86_64 system emulator with KVM and TCG (TCG runs the Linux guest where
     KVM cannot), user networking, tools (qemu-img, qemu-io, qemu-nbd,
-    qemu-storage-daemon), Linux AIO.  virtio, pvpanic, the watchdogs, qcow2,
-    blkdebug and NBD are in the default device and block driver sets.
+    qemu-storage-daemon), Linux AIO, the COLO proxy (so the qtest covers
+    how a freeze removes colo-compare objects; distributions build it).
+    virtio, pvpanic, the watchdogs, qcow2, blkdebug and NBD are in the
+    default device and block driver sets.
     Blobs are not installed: firmware is laid out from Debian's packages and
     the option ROMs built from the tree.
     """
@@ -59,7 +61,7 @@ def qemu_options() -> list[str]:
         "--target-list=x86_64-softmmu",
         "--without-default-features",
         "--enable-kvm", "--enable-tcg", "--enable-slirp", "--enable-tools",
-        "--enable-linux-aio", "--enable-attr", "--enable-cap-ng",
+        "--enable-linux-aio", "--enable-attr", "--enable-cap-ng", "--enable-colo-proxy",
         "--disable-docs", "--disable-download", "--disable-install-blobs",
         "--disable-werror",
     ]
