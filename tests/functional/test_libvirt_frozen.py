@@ -5,12 +5,13 @@ the patched QEMU through a private virtqemud of the patched libvirt
 (harness.libvirtd), freezes it by one trigger (``virsh freeze``,
 ``virDomainFreeze``, ``<on_crash>freeze</on_crash>`` + guest panic,
 ``<watchdog action='freeze'/>``) and checks, through virsh AND
-libvirt-python: state and reason, exactly one lifecycle event, resume,
-suspend, save, managed save, snapshot, migrate, reset, reboot, shutdown, PM
-wakeup, NMI, hotplug, block jobs and link up refused with VIR_ERR_OPERATION_INVALID
-naming the frozen state, the guest marker in a memory-only dump, disk
-bytes unchanged and no datagram after the freeze, the state across a
-virtqemud restart, and ``destroy``.
+libvirt-python: state and reason, exactly one lifecycle event; resume,
+suspend, save, managed save, snapshot, migrate, reset, reboot, shutdown,
+PM wakeup, NMI, hotplug, block jobs and link up refused with
+VIR_ERR_OPERATION_INVALID naming the frozen state; the guest marker in a
+memory-only dump and through virDomainMemoryPeek; disk bytes unchanged and
+no datagram after the freeze; the state across a virtqemud restart; and
+``destroy``.
 
 The baseline class runs on the unpatched QEMU: a paused domain resumes and
 writes again (today's behaviour, exactly what ``frozen`` forbids), and
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -54,6 +56,18 @@ SYNC_XML = """<domain type='kvm'><name>evsync</name><memory unit='MiB'>16</memor
 HOTPLUG_XML = """<disk type='file' device='disk'><driver name='qemu' type='raw'/>
 <source file='{path}'/><target dev='vdb' bus='virtio'/></disk>
 """
+def _physical_address(core: bytes, offset: int) -> int:
+    """The guest-physical address of ``offset`` in an ELF64 memory-only dump."""
+    phoff, = struct.unpack_from("<Q", core, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", core, 0x36)
+    for i in range(phnum):
+        p_type, _, p_offset, _, p_paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", core, phoff + i * phentsize)
+        if p_type == 1 and p_offset <= offset < p_offset + p_filesz:  # PT_LOAD
+            return p_paddr + offset - p_offset
+    raise AssertionError(f"offset {offset:#x} is in no PT_LOAD segment of the dump")
+
+
 def _link_up(domain_xml: str) -> str:
     """The domain's NIC as it is, with its link set up (what domif-setlink sends)."""
     nic = ET.fromstring(domain_xml).find("devices/interface")
@@ -249,6 +263,10 @@ class LibvirtFrozen(LibvirtTest):
             core = dump.read_bytes()
             self.assertIn(guest.marker_tag(probe.marker), core)
             self.assertIn(guest.last_record_tag(probe.marker, last), core)
+            # ... and readable in place with virDomainMemoryPeek
+            tag = guest.marker_tag(probe.marker)
+            paddr = _physical_address(core, core.index(tag))
+            self.assertEqual(dom.memoryPeek(paddr, len(tag), libvirt.VIR_MEMORY_PHYSICAL), tag)
 
             # nothing leaves: soak, then compare disk bytes and datagrams
             wait_until("the soak", lambda: time.time() - wall_frozen >= SOAK_S, SOAK_S + 5)
