@@ -327,34 +327,8 @@ def probe_rig(
     create_image(prefix, image, disk_format)
     marker = secrets.token_hex(8)
     with contextlib.ExitStack() as stack:
-        fds: list[int] = []
-        capture: netns.FrameCapture | None = None
-        tap: netns.Tap | None = None
-        opts: dict[str, Any] = {}
-        if network == "user":
-            listener = stack.enter_context(netns.UdpListener("127.0.0.1"))
-            netdev = f"user,id={NETDEV_ID}"
-            opts.update(dst_ip=netns.USER_NET_HOST_IP, dst_port=listener.port)
-        elif network == "tap":
-            ns = stack.enter_context(netns.network_namespace())
-            tap = ns.add_tap()
-            listener = stack.enter_context(netns.UdpListener(netns.TAP_HOST_IP, netns=ns.name))
-            capture = stack.enter_context(netns.FrameCapture(tap))
-            fd = tap.open_fd()
-            fds.append(fd)
-            stack.callback(_close_fds, fds)
-            netdev = f"tap,id={NETDEV_ID},fd={fd}"
-            opts.update(
-                src_ip=netns.TAP_GUEST_IP,
-                gateway=netns.TAP_HOST_IP,
-                dst_ip=netns.TAP_HOST_IP,
-                netmask="255.255.255.0",
-                dst_port=listener.port,
-            )
-        else:
-            raise ValueError(f"unknown network {network!r}")
-        opts.update(guest_options or {})
-        cfg = guest.ProbeConfig(marker=marker, **opts)
+        net = stack.enter_context(guest_network(network))
+        cfg = guest.ProbeConfig(marker=marker, **{**net.addresses, **(guest_options or {})})
         if boot == "bios":
             boot_args = cfg.bios_args(images.bios)
         elif boot == "kernel":
@@ -362,7 +336,7 @@ def probe_rig(
         else:
             raise ValueError(f"unknown boot mode {boot!r}")
         args = probe_args(
-            boot_args, image, disk_format, netdev=netdev, actions=actions or {},
+            boot_args, image, disk_format, netdev=net.netdev, actions=actions or {},
             werror=werror, io_error_injection=io_error_injection,
         )  # fmt: skip
         vm = VM(
@@ -372,14 +346,13 @@ def probe_rig(
             log_dir=log_dir or workdir / "vm",
             accel=accel,
             firmware_dirs=firmware_dirs,
-            pass_fds=fds,
+            pass_fds=net.fds,
         )
         stack.enter_context(vm)
-        # QEMU holds its own copy of the tap fd now.
-        _close_fds(fds)
+        net.close_fds()  # QEMU holds its own copy of the tap fd now
         rig = Rig(
-            vm, prefix, workdir, image, disk_format, network, marker, listener, capture, tap,
-            accel=accel, bios=images.bios,
+            vm, prefix, workdir, image, disk_format, network, marker, net.listener,
+            net.capture, net.tap, accel=accel, bios=images.bios,
         )  # fmt: skip
         try:
             rig.wait_record(1, first_record_timeout)
@@ -389,10 +362,51 @@ def probe_rig(
         yield rig
 
 
-def _close_fds(fds: list[int]) -> None:
-    while fds:
-        with contextlib.suppress(OSError):
-            os.close(fds.pop())
+@dataclass
+class GuestNetwork:
+    """The host side of a guest's NIC: the -netdev, the listener, the capture."""
+
+    netdev: str
+    listener: netns.UdpListener
+    #: the guest's addressing (dst_ip, dst_port, src_ip, ...), for its config
+    addresses: dict[str, Any]
+    capture: netns.FrameCapture | None = None
+    tap: netns.Tap | None = None
+    #: descriptors QEMU inherits (the tap), closed once QEMU has them
+    fds: list[int] = field(default_factory=list)
+
+    def close_fds(self) -> None:
+        while self.fds:
+            with contextlib.suppress(OSError):
+                os.close(self.fds.pop())
+
+
+@contextlib.contextmanager
+def guest_network(network: str) -> Iterator[GuestNetwork]:
+    """``user``: slirp to a listener on 127.0.0.1; ``tap``: a tap in a private
+    network namespace, with the listener and a frame capture inside it."""
+    with contextlib.ExitStack() as stack:
+        if network == "user":
+            listener = stack.enter_context(netns.UdpListener("127.0.0.1"))
+            net = GuestNetwork(f"user,id={NETDEV_ID}", listener,
+                               {"dst_ip": netns.USER_NET_HOST_IP, "dst_port": listener.port})
+        elif network == "tap":
+            ns = stack.enter_context(netns.network_namespace())
+            tap = ns.add_tap()
+            listener = stack.enter_context(netns.UdpListener(netns.TAP_HOST_IP, netns=ns.name))
+            capture = stack.enter_context(netns.FrameCapture(tap))
+            fd = tap.open_fd()
+            net = GuestNetwork(
+                f"tap,id={NETDEV_ID},fd={fd}", listener,
+                {"src_ip": netns.TAP_GUEST_IP, "gateway": netns.TAP_HOST_IP,
+                 "dst_ip": netns.TAP_HOST_IP, "netmask": "255.255.255.0",
+                 "dst_port": listener.port},
+                capture, tap, [fd],
+            )  # fmt: skip
+        else:
+            raise ValueError(f"unknown network {network!r}")
+        stack.callback(net.close_fds)
+        yield net
 
 
 # -- triggers ----------------------------------------------------------------

@@ -74,8 +74,7 @@ def linux_rig(
 ) -> Iterator[checks.Rig]:
     """Boot the Linux guest and wait for its first record (as checks.probe_rig).
 
-    ``network``: ``user`` (slirp to 127.0.0.1) or ``tap`` (a tap in a private
-    namespace, with the listener and a frame capture inside it).
+    ``network``: as checks.guest_network (``user`` or ``tap``).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     images = linux_guest.build_linux_guest()
@@ -84,56 +83,29 @@ def linux_rig(
     image = workdir / f"disk.{disk_format}"
     checks.create_image(prefix, image, disk_format)
     marker = secrets.token_hex(8)
-    with contextlib.ExitStack() as stack:
-        fds: list[int] = []
-        capture: netns.FrameCapture | None = None
-        tap: netns.Tap | None = None
-        if network == "user":
-            listener = stack.enter_context(netns.UdpListener("127.0.0.1"))
-            netdev = f"user,id={checks.NETDEV_ID}"
-            cfg = linux_guest.LinuxConfig(
-                marker=marker, dst_ip=netns.USER_NET_HOST_IP, dst_port=listener.port
-            )
-        elif network == "tap":
-            ns = stack.enter_context(netns.network_namespace())
-            tap = ns.add_tap()
-            listener = stack.enter_context(netns.UdpListener(netns.TAP_HOST_IP, netns=ns.name))
-            capture = stack.enter_context(netns.FrameCapture(tap))
-            fds.append(tap.open_fd())
-            stack.callback(_close_fds, fds)
-            netdev = f"tap,id={checks.NETDEV_ID},fd={fds[0]}"
-            cfg = linux_guest.LinuxConfig(
-                marker=marker, src_ip=netns.TAP_GUEST_IP, gateway=netns.TAP_HOST_IP,
-                dst_ip=netns.TAP_HOST_IP, dst_port=listener.port,
-            )  # fmt: skip
-        else:
-            raise ValueError(f"unknown network {network!r}")
+    with checks.guest_network(network) as net:
+        cfg = linux_guest.LinuxConfig(marker=marker, **net.addresses)
         vm = VM(
             system_binary(prefix),
-            linux_args(images, cfg, image, disk_format, actions or {}, netdev),
+            linux_args(images, cfg, image, disk_format, actions or {}, net.netdev),
             name="linux",
             log_dir=log_dir or workdir / "vm",
             accel=accel,
             firmware_dirs=fw_dirs,
-            pass_fds=fds,
+            pass_fds=net.fds,
         )
-        stack.enter_context(vm)
-        _close_fds(fds)  # QEMU holds its own copy of the tap fd now
-        rig = checks.Rig(vm, prefix, workdir, image, disk_format, network, marker, listener,
-                         capture, tap, accel=accel, bios=standby_bios, ram_mb=RAM_MB,
-                         paged=True, record_timeout=10.0)  # fmt: skip
-        try:
-            rig.wait_record(1, FIRST_RECORD_TIMEOUT)
-        except BaseException:
-            vm.mark_failed()
-            raise
-        yield rig
-
-
-def _close_fds(fds: list[int]) -> None:
-    while fds:
-        with contextlib.suppress(OSError):
-            os.close(fds.pop())
+        with vm:
+            net.close_fds()  # QEMU holds its own copy of the tap fd now
+            rig = checks.Rig(vm, prefix, workdir, image, disk_format, network, marker,
+                             net.listener, net.capture, net.tap, accel=accel,
+                             bios=standby_bios, ram_mb=RAM_MB, paged=True,
+                             record_timeout=10.0)  # fmt: skip
+            try:
+                rig.wait_record(1, FIRST_RECORD_TIMEOUT)
+            except BaseException:
+                vm.mark_failed()
+                raise
+            yield rig
 
 
 class LinuxGuestFreeze(Test):
