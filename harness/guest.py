@@ -76,14 +76,19 @@ class ProbeImages:
     bios: Path  # firmware: -bios BIN -fw_cfg name=opt/frozen/cmdline,string=CMDLINE
 
 
+def compiler_version(cc: str = "gcc") -> str:
+    """``cc --version``: part of the cache key of everything ``cc`` builds."""
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True,
+                              check=False).stdout
+    except OSError as e:
+        raise ProbeBuildError(f"cannot run the C compiler {cc!r}: {e}") from e
+
+
 def source_digest(cc: str = "gcc") -> str:
     """Cache key over the sources, the flags and the compiler's version."""
     h = hashlib.sha256()
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False)
-    except OSError as e:
-        raise ProbeBuildError(f"cannot run the C compiler {cc!r}: {e}") from e
-    h.update(version.stdout.encode())
+    h.update(compiler_version(cc).encode())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     names = (*COMMON_SOURCES, *HEADERS, KERNEL_ENTRY, KERNEL_LDS, BIOS_ENTRY, BIOS_LDS)
     for name in sorted(names):

@@ -614,16 +614,12 @@ def initramfs_entries(
 def guest_digest(cc: str = "gcc") -> str:
     """Cache key: pinned packages, guest sources, compiler version, layout."""
     h = hashlib.sha256()
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False)
-    except OSError as e:
-        raise LinuxGuestError(f"cannot run the C compiler {cc!r}: {e}") from e
     for part in (
         KERNEL_PACKAGE[2],
         BUSYBOX_PACKAGE[2],
         FRZREC_C,
         INIT_SH,
-        version.stdout,
+        guest.compiler_version(cc),
         " ".join(HELPER_CFLAGS),
         " ".join(WANTED_MODULES),
         LAYOUT_VERSION,
