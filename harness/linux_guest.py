@@ -168,20 +168,40 @@ def extract_vmlinux(image: bytes) -> bytes:
     raise LinuxGuestError("no xz/zstd/gzip payload decompressing to an ELF found")
 
 
-def elf_notes(elf: bytes) -> list[tuple[bytes, int, bytes]]:
-    """(name, type, desc) of every note in the PT_NOTE segments of an ELF64."""
+PT_LOAD = 1
+PT_NOTE = 4
+
+
+@dataclass(frozen=True)
+class ElfSegment:
+    type: int
+    offset: int  # in the file
+    paddr: int
+    filesz: int
+
+
+def elf_segments(elf: bytes) -> list[ElfSegment]:
+    """The program headers of a little-endian ELF64 file (a kernel, a core dump)."""
     if not elf.startswith(b"\x7fELF\x02\x01"):
         raise LinuxGuestError("not a little-endian ELF64 file")
     (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    notes = []
+    segments = []
     for i in range(phnum):
-        p_type, _flags, off, _va, _pa, filesz = struct.unpack_from(
+        p_type, _flags, off, _va, pa, filesz = struct.unpack_from(
             "<IIQQQQ", elf, phoff + i * phentsize
         )
-        if p_type != 4:  # PT_NOTE
+        segments.append(ElfSegment(p_type, off, pa, filesz))
+    return segments
+
+
+def elf_notes(elf: bytes) -> list[tuple[bytes, int, bytes]]:
+    """(name, type, desc) of every note in the PT_NOTE segments of an ELF64."""
+    notes = []
+    for seg in elf_segments(elf):
+        if seg.type != PT_NOTE:
             continue
-        pos, end = off, off + filesz
+        pos, end = seg.offset, seg.offset + seg.filesz
         while pos + 12 <= end:
             namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
             pos += 12

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -45,7 +44,7 @@ if str(REPO) not in sys.path:  # running from a checkout without installing
 
 from frozen_test import require_prefix  # noqa: E402
 
-from harness import config, guest, libvirtd  # noqa: E402
+from harness import config, guest, libvirtd, linux_guest  # noqa: E402
 from harness.vm import system_binary  # noqa: E402
 
 SYNC_XML = """<domain type='kvm'><name>evsync</name><memory unit='MiB'>16</memory>
@@ -56,29 +55,6 @@ SYNC_XML = """<domain type='kvm'><name>evsync</name><memory unit='MiB'>16</memor
 HOTPLUG_XML = """<disk type='file' device='disk'><driver name='qemu' type='raw'/>
 <source file='{path}'/><target dev='vdb' bus='virtio'/></disk>
 """
-def _physical_address(core: bytes, offset: int) -> int:
-    """The guest-physical address of ``offset`` in an ELF64 memory-only dump."""
-    phoff, = struct.unpack_from("<Q", core, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", core, 0x36)
-    for i in range(phnum):
-        p_type, _, p_offset, _, p_paddr, p_filesz = struct.unpack_from(
-            "<IIQQQQ", core, phoff + i * phentsize)
-        if p_type == 1 and p_offset <= offset < p_offset + p_filesz:  # PT_LOAD
-            return p_paddr + offset - p_offset
-    raise AssertionError(f"offset {offset:#x} is in no PT_LOAD segment of the dump")
-
-
-def _link_up(domain_xml: str) -> str:
-    """The domain's NIC as it is, with its link set up (what domif-setlink sends)."""
-    nic = ET.fromstring(domain_xml).find("devices/interface")
-    assert nic is not None, "the probe domain has no NIC"
-    link = nic.find("link")
-    if link is None:
-        link = ET.SubElement(nic, "link")
-    link.set("state", "up")
-    return ET.tostring(nic, encoding="unicode")
-
-
 #: how a refusal names the state (libvirt: "domain 'x' is frozen (reason: ...)")
 FROZEN_ERROR = r"(?i)\bis frozen\b"
 #: a migration destination that does not exist: the refusal must come first
@@ -93,6 +69,25 @@ TRIGGERS: dict[str, tuple[dict[str, Any], str, str]] = {
     "panic": ({"on_crash": "freeze"}, "panicked", "VIR_DOMAIN_FROZEN_PANICKED"),
     "watchdog": ({"watchdog_action": "freeze"}, "watchdog", "VIR_DOMAIN_FROZEN_WATCHDOG"),
 }
+
+
+def _physical_address(core: bytes, offset: int) -> int:
+    """The guest-physical address of ``offset`` in an ELF64 memory-only dump."""
+    for seg in linux_guest.elf_segments(core):
+        if seg.type == linux_guest.PT_LOAD and seg.offset <= offset < seg.offset + seg.filesz:
+            return seg.paddr + offset - seg.offset
+    raise AssertionError(f"offset {offset:#x} is in no PT_LOAD segment of the dump")
+
+
+def _link_up(domain_xml: str) -> str:
+    """The domain's NIC as it is, with its link set up (what domif-setlink sends)."""
+    nic = ET.fromstring(domain_xml).find("devices/interface")
+    assert nic is not None, "the probe domain has no NIC"
+    link = nic.find("link")
+    if link is None:
+        link = ET.SubElement(nic, "link")
+    link.set("state", "up")
+    return ET.tostring(nic, encoding="unicode")
 
 
 class EventLog:
