@@ -71,6 +71,27 @@ def qemu_configure_args(prefix: Path) -> list[str]:
     return [f"--python={sys.executable}", f"--prefix={prefix}", *qemu_options()]
 
 
+def project_options(project: str) -> list[str]:
+    """The build options of `project`, as they enter the cache keys."""
+    if project == "qemu":
+        return qemu_options()
+    if project == "libvirt":
+        return libvirt_options(Path("<prefix>"))
+    raise ValueError(f"{project} is not built")
+
+
+def configure_command(project: str, src: Path, build_dir: Path, prefix: Path) -> list[str]:
+    """Configure `build_dir` for `src`; run it with `build_dir` as the cwd.
+
+    A configured libvirt build dir is reconfigured, not wiped, so a series
+    change stays an incremental build.
+    """
+    if project == "qemu":
+        return [str(src / "configure"), *qemu_configure_args(prefix)]
+    reconfigure = ["--reconfigure"] if (build_dir / "build.ninja").exists() else []
+    return ["meson", "setup", *reconfigure, str(build_dir), str(src), *libvirt_options(prefix)]
+
+
 def libvirt_options(prefix: Path) -> list[str]:
     """meson options: QEMU driver, virtqemud, remote, virsh, test driver, tests.
 
@@ -247,12 +268,10 @@ def _install_api_xml(src: Path, build_dir: Path, prefix: Path, log: Path,
 def build(tree: Tree, *, jobs: int | None = None) -> Install:
     """Build and install `tree`, or reuse the install with the same key."""
     jobs = jobs or os.cpu_count() or 2
-    if tree.project == "qemu":
-        options = qemu_options()
-    elif tree.project == "libvirt":
-        options = libvirt_options(Path("<prefix>"))
-    else:
-        raise BuildError(f"{tree.project} is not built", tree.path / "build.log")
+    try:
+        options = project_options(tree.project)
+    except ValueError as exc:
+        raise BuildError(str(exc), tree.path / "build.log") from None
     key = cache_key(tree, options)
     prefix = install_prefix(tree.project, tree.variant)
     stamp = _read_stamp(prefix)
@@ -274,10 +293,10 @@ def build(tree: Tree, *, jobs: int | None = None) -> Install:
         shutil.rmtree(prefix)
     say(f"building {tree.project} ({tree.variant}, {len(tree.patches)} patches) "
         f"with {jobs} jobs; log: {log}")
+    timings["configure"] = run_logged(
+        configure_command(tree.project, tree.path, build_dir, prefix),
+        log, env, f"configure {tree.project}", cwd=build_dir)
     if tree.project == "qemu":
-        timings["configure"] = run_logged(
-            [str(tree.path / "configure"), *qemu_configure_args(prefix)],
-            log, env, "configure qemu", cwd=build_dir)
         timings["build"] = run_logged(["make", "-C", str(build_dir), f"-j{jobs}"],
                                        log, env, "build qemu")
         timings["install"] = run_logged(["make", "-C", str(build_dir), "install"],
@@ -285,11 +304,6 @@ def build(tree: Tree, *, jobs: int | None = None) -> Install:
         layout_firmware(build_dir, prefix / "share" / "qemu")
         layout_firmware(build_dir, bundle_datadir(build_dir, prefix))
     else:
-        # A warm build dir (series re-applied) is reconfigured, not wiped.
-        reconfigure = ["--reconfigure"] if (build_dir / "build.ninja").exists() else []
-        setup = ["meson", "setup", *reconfigure, str(build_dir), str(tree.path),
-                 *libvirt_options(prefix)]
-        timings["configure"] = run_logged(setup, log, env, "configure libvirt")
         timings["build"] = run_logged(["ninja", "-C", str(build_dir), f"-j{jobs}"],
                                        log, env, "build libvirt")
         timings["install"] = run_logged(["meson", "install", "-C", str(build_dir),

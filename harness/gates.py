@@ -112,8 +112,7 @@ def bisect(tree: Tree, *, jobs: int | None = None,
     if len(commits) != len(tree.patches):
         raise build.BuildError(f"{tree.path}: {len(commits)} commits for "
                                f"{len(tree.patches)} patches", tree.path / "build.log")
-    options = build.qemu_options() if tree.project == "qemu" else \
-        build.libvirt_options(Path("<prefix>"))
+    options = build.project_options(tree.project)
     bisect_tree = config.cache_root() / "trees" / f"{tree.project}-bisect"
     for index, (commit, patch) in enumerate(zip(commits, tree.patches, strict=True), 1):
         if index == len(commits):
@@ -136,7 +135,7 @@ def bisect(tree: Tree, *, jobs: int | None = None,
                        f"`frozen check --project {tree.project} --gate bisect` builds it"))
             continue
         say(f"bisect {tree.project}: building patch {index}/{len(commits)} {patch.name}")
-        result = _build_commit(tree, bisect_tree, commit, patch, jobs)
+        result = _build_commit(tree, bisect_tree, commit, patch, options, jobs)
         if result.ok:  # a failure is rebuilt next time, never remembered
             stamp.write_text(json.dumps({"key": key, "ok": True, "detail": result.detail}))
         results.append(result)
@@ -144,7 +143,7 @@ def bisect(tree: Tree, *, jobs: int | None = None,
 
 
 def _build_commit(tree: Tree, bisect_tree: Path, commit: str, patch: Path,
-                  jobs: int | None) -> GateResult:
+                  options: list[str], jobs: int | None) -> GateResult:
     if not (bisect_tree / ".git").exists():
         subprocess.run(["git", "clone", "--quiet", "--shared", str(tree.path),
                         str(bisect_tree)], check=True)
@@ -164,20 +163,14 @@ def _build_commit(tree: Tree, bisect_tree: Path, commit: str, patch: Path,
     jobs = jobs or 2
     # The results are keyed by the options: configure again when they change.
     configured = build_dir / "frozen-options.txt"
-    if tree.project == "qemu":
-        configure = [str(bisect_tree / "configure"),
-                     *build.qemu_configure_args(bisect_tree / "prefix-unused")]
-    else:
-        configure = ["meson", "setup", str(build_dir), str(bisect_tree),
-                     *build.libvirt_options(bisect_tree / "prefix-unused")]
-        if (build_dir / "build.ninja").exists():
-            configure.insert(2, "--reconfigure")
-    wanted = "\n".join(arg for arg in configure if arg != "--reconfigure")
+    wanted = "\n".join(options)
     try:
         if not (build_dir / "build.ninja").exists() or \
                 not configured.exists() or configured.read_text() != wanted:
             configured.unlink(missing_ok=True)
-            build.run_logged(configure, log, env, "bisect configure", cwd=build_dir)
+            build.run_logged(build.configure_command(tree.project, bisect_tree, build_dir,
+                                                     bisect_tree / "prefix-unused"),
+                             log, env, "bisect configure", cwd=build_dir)
             configured.write_text(wanted)
         if tree.project == "qemu":
             build.run_logged(["make", "-C", str(build_dir), f"-j{jobs}"], log, env,
@@ -192,18 +185,26 @@ def _build_commit(tree: Tree, bisect_tree: Path, commit: str, patch: Path,
     return GateResult("bisect", patch.name, True, "builds")
 
 
+def _testlog_path(build_dir: Path) -> Path:
+    return build_dir / "meson-logs" / "testlog.json"
+
+
+def _read_testlog(build_dir: Path) -> list[dict]:
+    """meson test's per-test results of the last run (none if it wrote none)."""
+    log = _testlog_path(build_dir)
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
 def _meson_test(build_dir: Path, patch: Path, env: dict[str, str], jobs: int) -> GateResult:
     """The whole `meson test` of a built prefix: every test passes or is skipped."""
     say(f"bisect: meson test after {patch.name}")
-    testlog = build_dir / "meson-logs" / "testlog.json"
-    testlog.unlink(missing_ok=True)
+    _testlog_path(build_dir).unlink(missing_ok=True)
     # Without --no-rebuild: some checks read files that only tests depend on
     # (the RPC headers of disabled drivers), which `ninja` alone does not make.
     proc = subprocess.run(["meson", "test", "-C", str(build_dir),
                            "--print-errorlogs", f"--num-processes={jobs}"],
                           capture_output=True, text=True, env=env)
-    tests = [json.loads(line) for line in testlog.read_text().splitlines()] \
-        if testlog.exists() else []
+    tests = _read_testlog(build_dir)
     if not tests:
         return GateResult("bisect", patch.name, False, "builds, but meson test ran nothing:\n"
                           + (proc.stdout + proc.stderr)[-1500:])
@@ -271,8 +272,7 @@ def syntax_check(tree: Path) -> list[GateResult]:
     proc = subprocess.run(["meson", "test", "-C", str(build_dir), "--no-rebuild",
                            "--suite", "syntax-check", "--print-errorlogs"],
                           capture_output=True, text=True, env=build.build_env(tree))
-    log = build_dir / "meson-logs" / "testlog.json"
-    tests = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    tests = _read_testlog(build_dir)
     if not tests:
         return [GateResult("syntax-check", tree.name, False,
                            "no syntax-check results:\n" + (proc.stdout + proc.stderr)[-1500:])]
