@@ -314,16 +314,19 @@ def probe_rig(
     log_dir: Path | None = None,
     boot: str = "bios",
     probe_cache: Path | None = None,
+    image_dir: Path | None = None,
 ) -> Iterator[Rig]:
     """Boot the probe guest and wait for its first records; always tear down.
 
     ``boot="bios"`` runs the probe as the firmware (first record in well
     under a second on KVM here); ``"kernel"`` boots it through SeaBIOS as a
     multiboot kernel (needs the firmware dirs, and is slow under emulation).
+    The disk image goes to ``image_dir`` when given (e.g. a filesystem to
+    unmount after the freeze), else to ``workdir``.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     images = guest.build_probe_images(probe_cache or config.cache_root() / "probe")
-    image = workdir / f"disk.{disk_format}"
+    image = (image_dir or workdir) / f"disk.{disk_format}"
     create_image(prefix, image, disk_format)
     marker = secrets.token_hex(8)
     with contextlib.ExitStack() as stack:
