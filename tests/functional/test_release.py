@@ -166,12 +166,16 @@ class Release(FrozenTest):
                 self.assertIn(release.FAILING_NODE, after.nodes, why)
                 self.assertTrue(after.image_fds[release.FAILING_NODE], why)
                 # Nothing aborted; memory is kept.
-                self._assert_alive_frozen(rig, why)
-                self.assertTrue(kept, f"marker not in the memory dumps: {found}")
-                self._assert_quits(rig)
+                self._assert_kept_and_quits(rig, why, kept, found)
             except BaseException:
                 vm.mark_failed()
                 raise
+
+    def _assert_kept_and_quits(self, rig: checks.Rig, why: str, kept: bool, found: Any) -> None:
+        """Still alive and frozen, the marker in memory, and a clean quit."""
+        self._assert_alive_frozen(rig, why)
+        self.assertTrue(kept, f"marker not in the memory dumps: {found}")
+        self._assert_quits(rig)
 
     def _assert_names_failing(self, nodes: Any, why: str) -> None:
         """The unreleased list names the failing disk and nothing else: its
@@ -209,9 +213,7 @@ class Release(FrozenTest):
                 self.assertEqual(after.image_fds["disk0"], [], f"image still open: {why}")
                 self.assertEqual(after.nodes, [], f"block nodes left: {why}")
                 self.assertEqual({d: n for d, n in after.media.items() if n is not None}, {}, why)
-                self._assert_alive_frozen(rig, why)
-                self.assertTrue(kept, f"marker not in the memory dumps: {found}")
-                self._assert_quits(rig)
+                self._assert_kept_and_quits(rig, why, kept, found)
             except BaseException:
                 vm.mark_failed()
                 raise
