@@ -4,6 +4,11 @@ Record/replay: with replay enabled, draining does not wait for the block
 queue, and inactivating the nodes would abort QEMU (and lose the memory the
 state keeps).  A short SeaBIOS run is recorded under TCG, replayed, and
 ``freeze`` must fail with its message while the replay goes on unharmed.
+
+Postcopy destination: it runs while part of the guest memory is still on
+the source, so the memory a freeze keeps is not all there.  A postcopy
+migration between two QEMUs on KVM is throttled to 1 MiB/s so that it stays
+in postcopy; ``freeze`` on the destination must fail with its message.
 """
 
 from __future__ import annotations
@@ -16,11 +21,18 @@ from harness import checks
 from harness.vm import VM, system_binary
 
 REPLAY_REFUSED = "The VM cannot be frozen while record/replay is enabled"
+POSTCOPY_REFUSED = (
+    "The VM cannot be frozen during an incoming postcopy migration: "
+    "part of its memory is still on the source"
+)
+#: Slow enough that 256 MiB of guest RAM stays in postcopy for minutes.
+POSTCOPY_BANDWIDTH = 1 << 20
 #: SeaBIOS shows its boot menu prompt for the splash time, then finds no
 #: boot device.  The record runs to the end; the replay is frozen at the
 #: prompt, seconds of guest time before the log (and the replay) ends.
 BOOT_MENU = r"Press ESC for boot menu"
 NO_BOOT_DEVICE = r"No bootable device"
+SEABIOS_BANNER = r"SeaBIOS \(version"
 
 
 class FreezeRefused(FrozenTest):
@@ -60,3 +72,43 @@ class FreezeRefused(FrozenTest):
             self.assertTrue(vm.is_running(), "QEMU died on the refused freeze")
             self.assertEqual(vm.status(), "running")
             self.assertEqual(vm.events("FROZEN"), [])
+
+    def _migration_vm(self, name: str, extra: list[str]) -> VM:
+        return VM(
+            system_binary(self.prefix),
+            ["-machine", "pc", "-m", "256", *extra],
+            name=name,
+            log_dir=Path(self.logdir) / name,
+            firmware_dirs=self.fw,
+            console="debugcon",
+        )
+
+    def test_postcopy_destination(self) -> None:
+        """``freeze`` of a postcopy destination fails and the migration goes on."""
+        caps = {"capabilities": [{"capability": "postcopy-ram", "state": True},
+                                 {"capability": "events", "state": True}]}  # fmt: skip
+        with (
+            self._migration_vm("source", []) as src,
+            self._migration_vm("destination", ["-incoming", "defer"]) as dst,
+        ):
+            # The destination's private dir keeps the socket path short.
+            sock = dst.paths.sock_dir / "migrate.sock"
+            src.wait_for_console(SEABIOS_BANNER, 60)
+            for vm in (src, dst):
+                vm.cmd("migrate-set-capabilities", caps)
+            limit = {"max-bandwidth": POSTCOPY_BANDWIDTH,
+                     "max-postcopy-bandwidth": POSTCOPY_BANDWIDTH}  # fmt: skip
+            src.cmd("migrate-set-parameters", limit)
+            dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+            src.cmd("migrate", uri=f"unix:{sock}")
+            src.event_wait("MIGRATION", 30, match={"data": {"status": "active"}})
+            src.cmd("migrate-start-postcopy")
+            dst.event_wait("MIGRATION", 30, match={"data": {"status": "postcopy-active"}})
+            dst.event_wait("RESUME", 30)
+            err = dst.try_cmd("freeze")
+            self.assertIsNotNone(err, "freeze of a postcopy destination was accepted")
+            assert err is not None
+            self.assertEqual(err.desc, POSTCOPY_REFUSED)
+            self.assertEqual(dst.status(), "running")
+            self.assertEqual(dst.cmd("query-migrate")["status"], "postcopy-active")
+            self.assertEqual(dst.events("FROZEN"), [])
