@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import itertools
 import json
 import logging
@@ -1172,7 +1171,7 @@ class _Fuzzer:
             with contextlib.suppress(VMError):
                 rc = self.vm.wait_for_exit(1)
             note = f"QEMU exited, {_exit_text(rc)}: {stderr_tail(self.rig)}"
-        digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in self.frig.images}
+        digests = {p.name: checks.file_digest(p) for p in self.frig.images}
         locks = {p.name: held_lock_bytes(p) for p in self.frig.images}
         frames = len(self.rig.capture.datagrams()) if self.rig.capture is not None else 0
         return Observation(alive, status, len(self.rig.records_printed()), digests, locks,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.checks import run_tool
 from harness.vm import VM, VMCommandError, VMTimeout
 
 TUN_DEVICE = "/dev/net/tun"
@@ -308,15 +309,8 @@ def tcp_connect(host: str, port: int, timeout: float = 3.0) -> str:
 # -- a loop-mounted filesystem ---------------------------------------------------
 
 
-def run(argv: Sequence[str | Path], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run a host tool (no shell), capturing its output; never raises on rc."""
-    return subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
 def _checked(argv: Sequence[str | Path]) -> str:
-    r = run(argv)
+    r = run_tool(argv)
     if r.returncode != 0:
         raise ReleaseError(f"{' '.join(map(str, argv))}: rc={r.returncode}: {r.stderr.strip()}")
     return r.stdout.strip()
@@ -339,11 +333,11 @@ def loop_backing(device: str) -> str | None:
 
 def umount(mountpoint: Path) -> subprocess.CompletedProcess[str]:
     """A plain (not lazy) umount; it fails with "target is busy" while files are open."""
-    return run(["umount", mountpoint])
+    return run_tool(["umount", mountpoint])
 
 
 def loop_detach(device: str) -> subprocess.CompletedProcess[str]:
-    return run(["losetup", "-d", device])
+    return run_tool(["losetup", "-d", device])
 
 
 @dataclass
@@ -382,7 +376,7 @@ def _release_mount(mnt: Path, device: str, backing: Path) -> None:
         if umount(mnt).returncode == 0:
             break
         if time.monotonic() > deadline:
-            run(["umount", "-l", mnt])
+            run_tool(["umount", "-l", mnt])
             break
         time.sleep(0.2)
     # Only our own attachment: the number may have been reused once detached.
