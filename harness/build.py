@@ -25,7 +25,7 @@ from harness.patches import Tree
 from harness.progress import Progress, say
 
 #: Bump when the recipe changes in a way the options do not show.
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 STAMP = ".frozen-build.json"
 LOG_TAIL_LINES = 40
 
@@ -50,8 +50,12 @@ def qemu_options() -> list[str]:
 
     x86_64 system emulator with KVM and TCG (TCG runs the Linux guest where
     KVM cannot), user networking, tools (qemu-img, qemu-io, qemu-nbd,
-    qemu-storage-daemon), Linux AIO, the COLO proxy (so the qtest covers
-    how a freeze removes colo-compare objects; distributions build it).
+    qemu-storage-daemon), Linux AIO, the COLO proxy and replication (so the
+    tests cover how a freeze removes colo-compare objects and is refused on
+    a COLO secondary; distributions build both), and the vhost backends
+    (vhost-user with qemu-storage-daemon's vhost-user-blk export,
+    vhost-kernel, vhost-net, vhost-vdpa) that distributions enable, so the
+    refusal of devices QEMU cannot sever runs against real devices.
     virtio, pvpanic, the watchdogs, qcow2, blkdebug and NBD are in the
     default device and block driver sets.
     Blobs are not installed: firmware is laid out from Debian's packages and
@@ -62,6 +66,8 @@ def qemu_options() -> list[str]:
         "--without-default-features",
         "--enable-kvm", "--enable-tcg", "--enable-slirp", "--enable-tools",
         "--enable-linux-aio", "--enable-attr", "--enable-cap-ng", "--enable-colo-proxy",
+        "--enable-replication", "--enable-vhost-user", "--enable-vhost-user-blk-server",
+        "--enable-vhost-kernel", "--enable-vhost-net", "--enable-vhost-vdpa",
         "--disable-docs", "--disable-download", "--disable-install-blobs",
         "--disable-werror",
     ]
@@ -241,6 +247,24 @@ def layout_firmware(build_dir: Path, datadir: Path) -> None:
         shutil.copy2(rom, datadir / rom.name)
 
 
+#: Test programs of the QEMU tree that `make install` leaves out; the
+#: functional tests use them as real backends (vhost-user-bridge: a
+#: vhost-user net backend).
+TEST_PROGRAMS = ("tests/vhost-user-bridge",)
+
+
+def install_test_programs(build_dir: Path, prefix: Path) -> None:
+    """Copy TEST_PROGRAMS into <prefix>/libexec/frozen-tests."""
+    dest = prefix / "libexec" / "frozen-tests"
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in TEST_PROGRAMS:
+        src = build_dir / rel
+        if not src.is_file():
+            raise BuildError(f"test program {rel} was not built (vhost-user enabled?)",
+                             build_dir / "frozen-build.log")
+        shutil.copy2(src, dest / src.name)
+
+
 def bundle_datadir(build_dir: Path, prefix: Path) -> Path:
     """Where QEMU run from its build dir (qtests, meson test) looks for blobs."""
     return build_dir / "qemu-bundle" / prefix.relative_to("/") / "share" / "qemu"
@@ -302,6 +326,7 @@ def build(tree: Tree, *, jobs: int | None = None) -> Install:
         timings["install"] = run_logged(["make", "-C", str(build_dir), "install"],
                                          log, env, "install qemu")
         layout_firmware(build_dir, prefix / "share" / "qemu")
+        install_test_programs(build_dir, prefix)
         layout_firmware(build_dir, bundle_datadir(build_dir, prefix))
     else:
         timings["build"] = run_logged(["ninja", "-C", str(build_dir), f"-j{jobs}"],
