@@ -573,19 +573,30 @@ class VM:
         with self._ev_cond:
             return [e for e in self._events if event_matches(e, name, match)]
 
+    def event_mark(self) -> int:
+        """A mark for :meth:`event_wait`'s ``after``: events from now on."""
+        with self._ev_cond:
+            return len(self._events)
+
     def event_wait(
-        self, name: str, timeout: float, match: Mapping[str, Any] | None = None
+        self,
+        name: str,
+        timeout: float,
+        match: Mapping[str, Any] | None = None,
+        *,
+        after: int = 0,
     ) -> dict[str, Any]:
         """Return the oldest not yet waited-for event matching name/match.
 
         Events are recorded from the moment the monitor connects, so an event
-        that arrived before this call is found too.
+        that arrived before this call is found too; ``after`` (from
+        :meth:`event_mark`) skips those that came before the mark.
         """
         deadline = time.monotonic() + timeout
         with self._ev_cond:
             while True:
                 for i, e in enumerate(self._events):
-                    if i not in self._consumed and event_matches(e, name, match):
+                    if i >= after and i not in self._consumed and event_matches(e, name, match):
                         self._consumed.add(i)
                         return e
                 if not self.is_running():

@@ -9,6 +9,11 @@ Postcopy destination: it runs while part of the guest memory is still on
 the source, so the memory a freeze keeps is not all there.  A postcopy
 migration between two QEMUs on KVM is throttled to 1 MiB/s so that it stays
 in postcopy; ``freeze`` on the destination must fail with its message.
+
+COLO: a COLO secondary follows the primary's checkpoints; frozen, it would
+abort at the next one.  Two QEMUs on KVM enter COLO (no disks, no NICs:
+nothing to replicate but memory) and ``freeze`` must fail on both sides
+while the checkpoints go on.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ POSTCOPY_BANDWIDTH = 1 << 20
 #: SeaBIOS shows its boot menu prompt for the splash time, then finds no
 #: boot device.  The record runs to the end; the replay is frozen at the
 #: prompt, seconds of guest time before the log (and the replay) ends.
+COLO_REFUSED = "The VM cannot be frozen while COLO is active"
+#: ms between COLO checkpoints: several run while the test looks
+COLO_CHECKPOINT_DELAY = 500
 BOOT_MENU = r"Press ESC for boot menu"
 NO_BOOT_DEVICE = r"No bootable device"
 SEABIOS_BANNER = r"SeaBIOS \(version"
@@ -112,3 +120,35 @@ class FreezeRefused(FrozenTest):
             self.assertEqual(dst.status(), "running")
             self.assertEqual(dst.cmd("query-migrate")["status"], "postcopy-active")
             self.assertEqual(dst.events("FROZEN"), [])
+
+    def test_colo(self) -> None:
+        """``freeze`` on a COLO primary and secondary fails; checkpoints go on."""
+        caps = {"capabilities": [{"capability": "x-colo", "state": True},
+                                 {"capability": "events", "state": True}]}  # fmt: skip
+        with (
+            self._migration_vm("primary", []) as pri,
+            self._migration_vm("secondary", ["-incoming", "defer"]) as sec,
+        ):
+            sock = sec.paths.sock_dir / "colo.sock"
+            pri.wait_for_console(SEABIOS_BANNER, 60)
+            for vm in (pri, sec):
+                vm.cmd("migrate-set-capabilities", caps)
+            pri.cmd("migrate-set-parameters", {"x-checkpoint-delay": COLO_CHECKPOINT_DELAY})
+            sec.cmd("migrate-incoming", uri=f"unix:{sock}")
+            pri.cmd("migrate", uri=f"unix:{sock}")
+            pri.event_wait("MIGRATION", 60, match={"data": {"status": "colo"}})
+            sec.event_wait("MIGRATION", 60, match={"data": {"status": "colo"}})
+            for vm, mode in ((pri, "primary"), (sec, "secondary")):
+                self.assertEqual(vm.cmd("query-colo-status")["mode"], mode)
+                err = vm.try_cmd("freeze")
+                self.assertIsNotNone(err, f"freeze of the COLO {mode} was accepted")
+                assert err is not None
+                self.assertEqual(err.desc, COLO_REFUSED)
+                self.assertEqual(vm.events("FROZEN"), [])
+            # Checkpoints still run: the secondary stops and resumes for each.
+            mark = sec.event_mark()
+            sec.event_wait("STOP", 30, after=mark)
+            sec.event_wait("RESUME", 30, after=mark)
+            self.assertEqual(pri.cmd("query-colo-status")["mode"], "primary")
+            self.assertEqual(sec.cmd("query-colo-status")["mode"], "secondary")
+            self.assertTrue(pri.is_running() and sec.is_running())
