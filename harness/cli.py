@@ -8,7 +8,8 @@
     all       fetch, apply, build, verify: the packager's proof
     test      the project's test suite (what CI runs)
     export    the series for Debian (DEP-3), RPM (spec snippet) or the list (mail)
-    check     the gates: commit shape, checkpatch, syntax-check, Debian tree, bisect
+    check     the gates: commit shape, checkpatch, syntax-check, Debian tree, bisect,
+              QEMU's own suites stock against frozen
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"({time.monotonic() - start:.0f} s)")
             results += found
     for r in results:
-        mark = "ok  " if r.ok else "FAIL"
+        mark = "skip" if r.skipped else "ok  " if r.ok else "FAIL"
         print(f"{mark} {r.gate:13s} {r.patch}" + (f"\n     {r.detail}" if not r.ok else ""))
     if args.junit:
         suite.write_junit(args.junit, "check", results)

@@ -6,7 +6,9 @@
   libvirt, whose contribution rules ask it of every patch, each prefix
   also passes its whole `meson test` (syntax-check included);
 * debian-apply: the series applies with fuzz 0 after Debian's own series;
-* syntax-check: libvirt's own syntax checks, on what the series touches.
+* syntax-check: libvirt's own syntax checks, on what the series touches;
+* qemu-suites: QEMU's qtest-x86_64 suite and block iotests (raw, qcow2),
+  stock against frozen, zero regressions (harness/qemu_suites.py).
 
 A bisect result is cached by content (base, series prefix, options): an
 unchanged series is not rebuilt, a changed one always is.
@@ -25,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import build, config, distro, patches, sources
+from harness import build, config, distro, patches, qemu_suites, sources
 from harness.patches import Tree, series_digest
 from harness.progress import say
 
@@ -302,7 +304,7 @@ def _judge_syntax_check(test: dict, tree: Path, touched: set[str]) -> GateResult
                       "\n".join(findings[:5]))
 
 
-GATES = ("shape", "checkpatch", "syntax-check", "debian-apply", "bisect")
+GATES = ("shape", "checkpatch", "syntax-check", "debian-apply", "bisect", "qemu-suites")
 
 
 def run_gate(project: str, gate: str, *, local: Path | None = None,
@@ -317,14 +319,37 @@ def run_gate(project: str, gate: str, *, local: Path | None = None,
         return debian_apply(project, files)
     applies = {"checkpatch": project == "qemu" and bool(files),
                "syntax-check": project == "libvirt",
-               "bisect": bool(files)}
+               "bisect": bool(files),
+               "qemu-suites": project == "qemu"}
     if gate not in applies:
         raise ValueError(f"unknown gate {gate!r} (expected one of {GATES})")
     if not applies[gate]:
         return []
+    if gate == "qemu-suites":
+        return qemu_suites_gate(local=local, jobs=jobs, deadline=deadline)
     tree = patches.prepare(project, "frozen", local=local)
     if gate == "checkpatch":
         return [checkpatch(tree.path, p) for p in files]
     if gate == "syntax-check":
         return syntax_check(tree.path)
     return bisect(tree, jobs=jobs, deadline=deadline)
+
+
+def qemu_suites_gate(*, local: Path | None = None, jobs: int | None = None,
+                     deadline: float | None = None) -> list[GateResult]:
+    """QEMU's suites in the stock and frozen builds (each built or reused)."""
+    stock = build.build(patches.prepare("qemu", "stock", local=local), jobs=jobs)
+    frozen = build.build(patches.prepare("qemu", "frozen", local=local), jobs=jobs)
+    results = qemu_suites.run(stock, frozen, deadline=deadline)
+    print(qemu_suites.report(results))
+    out = []
+    for c in results:
+        detail = f"{c.verdict}: stock {c.stock.result}, frozen {c.frozen.result}"
+        if c.verdict == "not run":
+            detail += ("; the time budget ran out: "
+                       "`frozen check --project qemu --gate qemu-suites` runs it")
+        elif not c.ok and not c.skipped:
+            detail += "\n" + (c.frozen.detail or c.stock.detail)
+        out.append(GateResult("qemu-suites", c.test.label, c.ok or c.skipped, detail,
+                              skipped=c.skipped))
+    return out

@@ -19,11 +19,14 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import build, config, gates, patches
+from harness import build, config, gates, patches, qemu_suites
 from harness.progress import say
 
 #: Time each project's bisect build may take within `frozen test`.
 BISECT_BUDGET_S = 15 * 60
+#: QEMU's own suites (qemu_suites) within this, so a cold CI run stays
+#: under an hour; what is not reached is reported as not run (skipped).
+SUITES_BUDGET_S = 8 * 60
 #: QEMU's in-tree tests that the series adds (meson test names).
 QEMU_IN_TREE_TESTS = ("qtest-x86_64/frozen-test", "func-x86_64-frozen")
 
@@ -168,6 +171,8 @@ def stage_gates(suite: Suite, args: argparse.Namespace) -> None:
         for gate in gates.GATES:
             if gate == "syntax-check":
                 continue  # libvirt's meson test runs it, in stage libvirt-in-tree
+            if gate == "qemu-suites":
+                continue  # a stage of its own, with its own budget
             try:
                 results += gates.run_gate(project, gate,
                                           local=getattr(args, f"{project}_src", None),
@@ -181,6 +186,31 @@ def stage_gates(suite: Suite, args: argparse.Namespace) -> None:
     junit = suite.junit("gates")
     write_junit(junit, "gates", results)
     suite.record("gates", junit_counts(junit), start)
+
+
+def stage_qemu_suites(suite: Suite, args: argparse.Namespace) -> None:
+    """QEMU's qtest-x86_64 suite and iotests, stock against frozen.
+
+    Gets SUITES_BUDGET_S ($FROZEN_SUITES_BUDGET); results are cached per
+    test and side, so each run goes on where the last one stopped.
+    """
+    start = time.monotonic()
+    budget = qemu_suites.env_budget(SUITES_BUDGET_S)
+    try:
+        results = gates.run_gate("qemu", "qemu-suites", local=args.qemu_src, jobs=args.jobs,
+                                 deadline=time.monotonic() + budget)
+    except (build.BuildError, patches.PatchError, patches.SeriesError) as exc:
+        results = [gates.GateResult("qemu-suites", "qemu", False, str(exc))]
+    not_run = [r for r in results if r.skipped and r.detail.startswith("not run")]
+    if not_run:
+        say(f"qemu-suites: {len(not_run)} tests not run within the {budget:.0f} s budget "
+            "(reported as skipped, not passed)")
+    for r in results:
+        if not r.ok:
+            print(f"frozen: qemu-suites failed for {r.patch}: {r.detail}", file=sys.stderr)
+    junit = suite.junit("qemu-suites")
+    write_junit(junit, "qemu-suites", results)
+    suite.record("qemu-suites", junit_counts(junit), start)
 
 
 def _meson_test(suite: Suite, stage: str, install: build.Install | None,
@@ -261,5 +291,6 @@ def run(args: argparse.Namespace) -> int:
         stage_qemu_in_tree(suite, installs.get(("qemu", "frozen")))
         stage_libvirt_in_tree(suite, installs.get(("libvirt", "frozen")))
         stage_gates(suite, args)
+        stage_qemu_suites(suite, args)
     print(suite.summary())
     return 0 if suite.total.failed == 0 and suite.total.passed > 0 else 1

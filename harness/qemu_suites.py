@@ -1,0 +1,485 @@
+"""QEMU's own test suites on the patched tree, stock against frozen.
+
+The series changes the block layer, the net layer, migration and the run
+state machine; reviewers run `make check` and the iotests, packagers run
+the package's tests.  This gate runs, in the stock and the frozen build
+trees side by side (one process each, so the two cores are used):
+
+* the iotests closest to the series (inactive nodes, NBD and exports,
+  jobs, migration of block devices), for raw and qcow2;
+* meson's whole ``qtest-x86_64`` suite, as the minimal build produces it;
+* the iotests' ``quick`` group, for raw and qcow2.
+
+Each test gets a verdict from both sides: pass in both, fail in both
+(pre-existing, listed with the stock result beside it), fixed, or changed
+(a regression, which fails the gate).  A skip in both is a skip, never a
+pass.  Each side's result is cached by the install's key, so an unchanged
+series costs nothing and a budgeted run goes on where the last one ended;
+what the budget did not reach is reported as not run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import build, config
+from harness.progress import Progress, say
+
+#: Bump when how a test is run or judged changes.
+GATE_VERSION = "1"
+QTEST_SUITE = "qtest-x86_64"
+IOTEST_FORMATS = ("raw", "qcow2")
+IOTEST_TIMEOUT_S = 300.0
+#: meson's own per-test timeouts apply to qtests (some are 10 minutes);
+#: this only bounds a hung meson.
+QTEST_TIMEOUT_S = 900.0
+DETAIL_TAIL = 1500
+
+#: iotests that exercise what the series changes, run before the groups:
+#: inactive nodes and migration of block devices, NBD and exports, jobs
+#: (mirror, backup, commit, stream), internal snapshots, I/O errors.
+CLOSE_IOTESTS = (
+    "inactive-node-nbd", "qsd-migrate", "migrate-during-backup", "migration-permissions",
+    "backing-file-invalidation", "export-incoming-iothread", "iothreads-nbd-export",
+    "nbd-multiconn", "nbd-qemu-allocation", "nbd-reconnect-on-open", "qsd-jobs",
+    "mirror-top-perms", "mirror-ready-cancel-error", "mirror-change-copy-mode",
+    "mirror-sparse", "backup-discard-source", "copy-before-write", "image-fleecing",
+    "commit-zero-blocks", "iothreads-commit-active", "stream-error-on-reset",
+    "stream-under-throttle", "iothreads-stream", "qcow2-internal-snapshots",
+    "file-io-error", "graph-changes-while-io",
+    "030", "040", "041", "055", "056", "094", "118", "124", "141", "151", "181",
+    "185", "223", "234", "240", "245", "307",
+)  # fmt: skip
+
+TAP_RE = re.compile(r"^(?P<not>not )?ok \S+ (?P<name>\S+)(?: # (?P<directive>SKIP|TODO)\b.*)?$")
+
+
+@dataclass(frozen=True)
+class SuiteTest:
+    """One test of one suite: a qtest by its meson name, an iotest by name."""
+
+    suite: str  # "qtest-x86_64", "iotests-raw" or "iotests-qcow2"
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.suite}/{self.name}"
+
+
+@dataclass(frozen=True)
+class SideResult:
+    """How a test ended on one side: pass, fail, skip or not run."""
+
+    result: str
+    detail: str = ""
+    seconds: float = 0.0
+    cached: bool = False
+
+
+NOT_RUN = SideResult("not run")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A test's results on both sides and the gate's verdict on them."""
+
+    test: SuiteTest
+    stock: SideResult
+    frozen: SideResult
+    #: pass, pre-existing, fixed, regression, changed, skipped or not run
+    verdict: str
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict in ("pass", "pre-existing", "fixed")
+
+    @property
+    def skipped(self) -> bool:
+        return self.verdict in ("skipped", "not run")
+
+
+def judge(stock: SideResult, frozen: SideResult) -> str:
+    """The verdict on one test from its stock and frozen results."""
+    if "not run" in (stock.result, frozen.result):
+        return "not run"
+    pair = (stock.result, frozen.result)
+    if pair == ("pass", "pass"):
+        return "pass"
+    if pair == ("skip", "skip"):
+        return "skipped"
+    if pair == ("fail", "fail"):
+        return "pre-existing"
+    if frozen.result == "pass":
+        return "fixed"  # failed or was skipped on stock
+    if stock.result == "pass":
+        return "regression"  # fails or is skipped with the series
+    return "changed"  # skip on one side, failure on the other
+
+
+def compare(test: SuiteTest, stock: SideResult, frozen: SideResult) -> Comparison:
+    return Comparison(test, stock, frozen, judge(stock, frozen))
+
+
+def parse_tap(text: str) -> dict[str, str]:
+    """iotests' `check -tap` output -> {test name: pass/fail/skip}."""
+    results = {}
+    for line in text.splitlines():
+        m = TAP_RE.match(line.strip())
+        if not m:
+            continue
+        if m["not"]:
+            results[m["name"]] = "fail"
+        elif m["directive"] == "SKIP":
+            results[m["name"]] = "skip"
+        else:
+            results[m["name"]] = "pass"
+    return results
+
+
+def meson_result(result: str) -> str:
+    """A meson testlog result -> pass/fail/skip."""
+    if result in ("OK", "EXPECTEDFAIL"):
+        return "pass"
+    if result == "SKIP":
+        return "skip"
+    return "fail"
+
+
+# --------------------------------------------------------------------------
+# running one test on one side
+
+
+def _iotests_dirs(install: build.Install) -> tuple[Path, Path]:
+    return install.tree / "tests" / "qemu-iotests", install.build_dir / "tests" / "qemu-iotests"
+
+
+def run_iotest(install: build.Install, fmt: str, name: str) -> SideResult:
+    """One iotest in `install`'s build tree, the way meson's block suite runs it."""
+    src, bld = _iotests_dirs(install)
+    cmd = [
+        sys.executable,
+        str(src / "check"),
+        "-tap",
+        f"-{fmt}",
+        name,
+        "--source-dir",
+        str(src),
+        "--build-dir",
+        str(bld),
+    ]
+    env = build.build_env(install.tree)
+    # Each side its own scratch dir: stock and frozen run at the same time.
+    env["TEST_DIR"] = str(bld / "scratch-gate")
+    env["SOCK_DIR"] = str(_sock_dir(install))
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=bld, env=env, capture_output=True, text=True, timeout=IOTEST_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = (
+            (exc.stdout or b"").decode(errors="replace")
+            if isinstance(exc.stdout, bytes)
+            else (exc.stdout or "")
+        )
+        return SideResult(
+            "fail",
+            f"timed out after {IOTEST_TIMEOUT_S:.0f} s\n" + out[-DETAIL_TAIL:],
+            time.monotonic() - start,
+        )
+    seconds = time.monotonic() - start
+    result = parse_tap(proc.stdout).get(name)
+    if result is None:
+        return SideResult(
+            "fail",
+            f"check printed no result for {name} (rc {proc.returncode}):\n"
+            + (proc.stdout + proc.stderr)[-DETAIL_TAIL:],
+            seconds,
+        )
+    return SideResult(
+        result, (proc.stdout + proc.stderr)[-DETAIL_TAIL:] if result == "fail" else "", seconds
+    )
+
+
+def _sock_dir(install: build.Install) -> Path:
+    # Unix socket paths must stay short: not under the deep build dir.
+    digest = hashlib.sha256(str(install.build_dir).encode()).hexdigest()[:8]
+    path = Path("/tmp") / f"frozen-iotests-{digest}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def run_qtest(install: build.Install, name: str) -> SideResult:
+    """One qtest through meson in `install`'s build dir (no rebuild)."""
+    logbase = "frozen-gate-" + re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    log = install.build_dir / "meson-logs" / f"{logbase}.json"
+    log.unlink(missing_ok=True)
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            [
+                "meson",
+                "test",
+                "-C",
+                str(install.build_dir),
+                "--no-rebuild",
+                "--num-processes=1",
+                "--logbase",
+                logbase,
+                f"{QTEST_SUITE}/{name}",
+            ],
+            env=build.build_env(install.tree),
+            capture_output=True,
+            text=True,
+            timeout=QTEST_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return SideResult(
+            "fail", f"meson test hung for {QTEST_TIMEOUT_S:.0f} s", time.monotonic() - start
+        )
+    seconds = time.monotonic() - start
+    entries = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if len(entries) != 1:
+        return SideResult(
+            "fail",
+            f"meson test ran {len(entries)} tests for {name} "
+            f"(rc {proc.returncode}):\n" + (proc.stdout + proc.stderr)[-DETAIL_TAIL:],
+            seconds,
+        )
+    result = meson_result(entries[0]["result"])
+    detail = entries[0].get("stdout", "")[-DETAIL_TAIL:] if result == "fail" else ""
+    return SideResult(result, detail, seconds)
+
+
+def run_one(install: build.Install, test: SuiteTest) -> SideResult:
+    if test.suite == QTEST_SUITE:
+        return run_qtest(install, test.name)
+    return run_iotest(install, test.suite.removeprefix("iotests-"), test.name)
+
+
+# --------------------------------------------------------------------------
+# which tests
+
+
+def list_qtests(install: build.Install) -> list[str]:
+    """The qtest-x86_64 tests meson knows in this build, by short name."""
+    proc = subprocess.run(
+        [
+            "meson",
+            "test",
+            "-C",
+            str(install.build_dir),
+            "--no-rebuild",
+            "--list",
+            "--suite",
+            QTEST_SUITE,
+        ],
+        env=build.build_env(install.tree),
+        capture_output=True,
+        text=True,
+    )
+    names = [
+        line.rsplit(f"{QTEST_SUITE}/", 1)[1].strip()
+        for line in proc.stdout.splitlines()
+        if f"{QTEST_SUITE}/" in line
+    ]
+    if proc.returncode != 0 or not names:
+        raise build.BuildError(
+            f"meson test --list found no {QTEST_SUITE} tests "
+            f"(rc {proc.returncode}): {proc.stderr[-500:]}",
+            install.build_dir / "meson-logs" / "meson-log.txt",
+        )
+    return names
+
+
+def list_iotests(install: build.Install, fmt: str, group: str) -> list[str]:
+    src, bld = _iotests_dirs(install)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(src / "check"),
+            "-n",
+            f"-{fmt}",
+            "-g",
+            group,
+            "--source-dir",
+            str(src),
+            "--build-dir",
+            str(bld),
+        ],
+        cwd=bld,
+        env=build.build_env(install.tree),
+        capture_output=True,
+        text=True,
+    )
+    names = proc.stdout.split()
+    if proc.returncode != 0 or not names:
+        raise build.BuildError(
+            f"iotests check -n -{fmt} -g {group} listed nothing "
+            f"(rc {proc.returncode}): {proc.stderr[-500:]}",
+            bld / "check",
+        )
+    return names
+
+
+def close_iotests(install: build.Install) -> list[str]:
+    """CLOSE_IOTESTS that this tree has (a name that vanished is reported)."""
+    src, _ = _iotests_dirs(install)
+    return [n for n in CLOSE_IOTESTS if (src / n).exists() or (src / "tests" / n).exists()]
+
+
+def plan(stock: build.Install, frozen: build.Install) -> list[SuiteTest]:
+    """Every test the gate runs, in order: close iotests, qtests, quick groups.
+
+    The lists come from both trees; a test only one side has is still run
+    on both (the other side reports it failed), so a vanished test shows.
+    """
+    tests: list[SuiteTest] = []
+    seen: set[SuiteTest] = set()
+
+    def add(suite: str, names: list[str]) -> None:
+        for name in names:
+            t = SuiteTest(suite, name)
+            if t not in seen:
+                seen.add(t)
+                tests.append(t)
+
+    for fmt in IOTEST_FORMATS:
+        add(f"iotests-{fmt}", close_iotests(stock) + close_iotests(frozen))
+    add(QTEST_SUITE, list_qtests(stock) + list_qtests(frozen))
+    for fmt in IOTEST_FORMATS:
+        add(
+            f"iotests-{fmt}", list_iotests(stock, fmt, "quick") + list_iotests(frozen, fmt, "quick")
+        )
+    return tests
+
+
+# --------------------------------------------------------------------------
+# the gate
+
+
+def _stamp(install: build.Install, test: SuiteTest) -> Path:
+    key = hashlib.sha256(
+        "\0".join((install.key, test.suite, test.name, GATE_VERSION)).encode()
+    ).hexdigest()
+    path = config.cache_root() / "gates" / "qemu-suites"
+    path.mkdir(parents=True, exist_ok=True)
+    return path / f"{install.variant}-{key[:20]}.json"
+
+
+def _cached(install: build.Install, test: SuiteTest) -> SideResult | None:
+    stamp = _stamp(install, test)
+    if not stamp.exists():
+        return None
+    data = json.loads(stamp.read_text())
+    return SideResult(data["result"], data["detail"], data["seconds"], cached=True)
+
+
+def _remember(install: build.Install, test: SuiteTest, result: SideResult) -> None:
+    _stamp(install, test).write_text(
+        json.dumps(
+            {
+                "test": test.label,
+                "result": result.result,
+                "detail": result.detail,
+                "seconds": result.seconds,
+            }
+        )
+    )
+
+
+def run(
+    stock: build.Install, frozen: build.Install, *, deadline: float | None = None
+) -> list[Comparison]:
+    """Every planned test on both sides, side by side, within `deadline`.
+
+    A side's result is remembered unless it is a frozen-side failure: a
+    regression is run again next time, never taken from the cache.
+    """
+    for install in (stock, frozen):
+        build.layout_firmware(
+            install.build_dir, build.bundle_datadir(install.build_dir, install.prefix)
+        )
+    tests = plan(stock, frozen)
+    say(
+        f"qemu-suites: {len(tests)} tests, stock {stock.tree.name} against "
+        f"frozen {frozen.tree.name}"
+    )
+    progress = Progress("qemu-suites", len(tests), unit=" tests", step=5)
+    out: list[Comparison] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for done, test in enumerate(tests, 1):
+            sides = {"stock": _cached(stock, test), "frozen": _cached(frozen, test)}
+            if (
+                any(r is None for r in sides.values())
+                and deadline is not None
+                and time.monotonic() > deadline
+            ):
+                out.append(compare(test, sides["stock"] or NOT_RUN, sides["frozen"] or NOT_RUN))
+                continue
+            futures = {
+                name: pool.submit(run_one, inst, test)
+                for name, inst in (("stock", stock), ("frozen", frozen))
+                if sides[name] is None
+            }
+            for name, future in futures.items():
+                sides[name] = future.result()
+            stock_r, frozen_r = sides["stock"], sides["frozen"]
+            assert stock_r is not None and frozen_r is not None
+            if "stock" in futures:
+                _remember(stock, test, stock_r)
+            if "frozen" in futures and frozen_r.result != "fail":
+                _remember(frozen, test, frozen_r)
+            out.append(compare(test, stock_r, frozen_r))
+            progress.update(done)
+    progress.finish()
+    return out
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Counts per verdict and per suite, for the gate's report."""
+
+    by_verdict: dict[str, int]
+    by_suite: dict[str, dict[str, int]]
+    seconds_run: float
+
+
+def summarize(results: list[Comparison]) -> Summary:
+    by_verdict: dict[str, int] = {}
+    by_suite: dict[str, dict[str, int]] = {}
+    seconds = 0.0
+    for c in results:
+        by_verdict[c.verdict] = by_verdict.get(c.verdict, 0) + 1
+        suite = by_suite.setdefault(c.test.suite, {})
+        suite[c.verdict] = suite.get(c.verdict, 0) + 1
+        seconds += sum(r.seconds for r in (c.stock, c.frozen) if not r.cached)
+    return Summary(by_verdict, by_suite, seconds)
+
+
+def report(results: list[Comparison]) -> str:
+    """The per-suite counts, then every test that is not a plain pass."""
+    summary = summarize(results)
+    lines = ["qemu-suites: stock against frozen"]
+    for suite, counts in sorted(summary.by_suite.items()):
+        lines.append(f"  {suite:14} " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items())))
+    for c in results:
+        if c.verdict in ("pass", "skipped", "not run"):
+            continue
+        lines.append(
+            f"  {c.verdict:12} {c.test.label}: stock {c.stock.result}, frozen {c.frozen.result}"
+        )
+    return "\n".join(lines)
+
+
+def env_budget(default: float) -> float:
+    return float(os.environ.get("FROZEN_SUITES_BUDGET", default))

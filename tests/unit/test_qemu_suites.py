@@ -1,0 +1,136 @@
+"""qemu_suites: the verdict on stock against frozen, the parsers, the budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness import build, qemu_suites
+from harness.qemu_suites import SideResult, SuiteTest
+
+PASS, FAIL, SKIP = SideResult("pass"), SideResult("fail", "boom"), SideResult("skip")
+
+
+@pytest.mark.parametrize(("stock", "frozen", "verdict", "ok"), [
+    (PASS, PASS, "pass", True),
+    (SKIP, SKIP, "skipped", False),
+    (FAIL, FAIL, "pre-existing", True),
+    (FAIL, PASS, "fixed", True),
+    (SKIP, PASS, "fixed", True),
+    (PASS, FAIL, "regression", False),
+    (PASS, SKIP, "regression", False),
+    (SKIP, FAIL, "changed", False),
+    (FAIL, SKIP, "changed", False),
+    (qemu_suites.NOT_RUN, PASS, "not run", False),
+    (PASS, qemu_suites.NOT_RUN, "not run", False),
+])  # fmt: skip
+def test_judge(stock: SideResult, frozen: SideResult, verdict: str, ok: bool) -> None:
+    c = qemu_suites.compare(SuiteTest("iotests-raw", "001"), stock, frozen)
+    assert c.verdict == verdict
+    assert c.ok is ok
+    # a skip or a test not run is never a pass
+    assert c.skipped is (verdict in ("skipped", "not run"))
+
+
+def test_parse_tap() -> None:
+    text = """\
+# QEMU -- "/b/qemu-system-x86_64"
+1..4
+# running raw 001
+ok raw 001
+# running raw 030
+ok raw 030 # SKIP
+not ok raw 041
+ok raw inactive-node-nbd
+"""
+    assert qemu_suites.parse_tap(text) == {
+        "001": "pass",
+        "030": "skip",
+        "041": "fail",
+        "inactive-node-nbd": "pass",
+    }
+
+
+def test_parse_tap_ignores_comments_and_plan() -> None:
+    assert qemu_suites.parse_tap("1..1\n# ok raw 001\n") == {}
+
+
+@pytest.mark.parametrize(("meson", "ours"), [
+    ("OK", "pass"), ("EXPECTEDFAIL", "pass"), ("SKIP", "skip"), ("FAIL", "fail"),
+    ("TIMEOUT", "fail"), ("ERROR", "fail"), ("UNEXPECTEDPASS", "fail"),
+])  # fmt: skip
+def test_meson_result(meson: str, ours: str) -> None:
+    assert qemu_suites.meson_result(meson) == ours
+
+
+def _install(tmp_path: Path, variant: str) -> build.Install:
+    tree = tmp_path / variant
+    (tree / "build").mkdir(parents=True)
+    return build.Install("qemu", variant, f"key-{variant}", tmp_path / f"p-{variant}", tree)
+
+
+def _fake(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tests: list[SuiteTest],
+    results: dict[tuple[str, str], SideResult],
+) -> list[tuple[str, str]]:
+    ran: list[tuple[str, str]] = []
+
+    def run_one(install: build.Install, test: SuiteTest) -> SideResult:
+        ran.append((install.variant, test.name))
+        return results[(install.variant, test.name)]
+
+    monkeypatch.setenv("FROZEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(qemu_suites, "plan", lambda stock, frozen: tests)
+    monkeypatch.setattr(qemu_suites, "run_one", run_one)
+    monkeypatch.setattr(build, "layout_firmware", lambda *a: None)
+    monkeypatch.setattr(build, "bundle_datadir", lambda *a: tmp_path)
+    return ran
+
+
+def test_run_caches_and_reruns_frozen_failures(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tests = [SuiteTest("iotests-raw", "001"), SuiteTest("iotests-raw", "002")]
+    results = {
+        ("stock", "001"): PASS,
+        ("frozen", "001"): PASS,
+        ("stock", "002"): PASS,
+        ("frozen", "002"): FAIL,
+    }
+    ran = _fake(monkeypatch, tmp_path, tests, results)
+    stock, frozen = _install(tmp_path, "stock"), _install(tmp_path, "frozen")
+    first = qemu_suites.run(stock, frozen)
+    assert [c.verdict for c in first] == ["pass", "regression"]
+    assert len(ran) == 4
+    ran.clear()
+    second = qemu_suites.run(stock, frozen)
+    # only the frozen failure runs again: a regression never comes from the cache
+    assert ran == [("frozen", "002")]
+    assert [c.verdict for c in second] == ["pass", "regression"]
+    assert second[0].stock.cached and second[0].frozen.cached
+
+
+def test_run_past_the_deadline_reports_not_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tests = [SuiteTest("qtest-x86_64", "qom-test")]
+    ran = _fake(monkeypatch, tmp_path, tests, {})
+    out = qemu_suites.run(_install(tmp_path, "stock"), _install(tmp_path, "frozen"), deadline=0.0)
+    assert ran == []
+    assert out[0].verdict == "not run" and out[0].skipped and not out[0].ok
+
+
+def test_report_lists_what_is_not_a_plain_pass() -> None:
+    results = [
+        qemu_suites.compare(SuiteTest("iotests-qcow2", "001"), PASS, PASS),
+        qemu_suites.compare(SuiteTest("iotests-qcow2", "002"), FAIL, FAIL),
+        qemu_suites.compare(SuiteTest("qtest-x86_64", "qom-test"), PASS, FAIL),
+    ]
+    text = qemu_suites.report(results)
+    assert "iotests-qcow2  1 pass, 1 pre-existing" in text
+    assert "pre-existing iotests-qcow2/002: stock fail, frozen fail" in text
+    assert "regression   qtest-x86_64/qom-test: stock pass, frozen fail" in text
+    assert "iotests-qcow2/001" not in text
