@@ -18,6 +18,7 @@ repetitions), and as a ratio.  Nothing here is a pass/fail threshold.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import statistics
@@ -119,7 +120,7 @@ class Bench:
     def latency(self) -> dict[str, Any]:
         frozen = [self.freeze_once(i) for i in range(self.reps)]
         scripted = [self.scripted_once(i) for i in range(self.reps)]
-        out = {
+        out: dict[str, Any] = {
             "freeze": Stat.of([f[0] for f in frozen]),
             "scripted": Stat.of([s[0] for s in scripted]),
             "freeze_lock_free": Stat.of([f[1] for f in frozen]),
@@ -182,8 +183,8 @@ class Bench:
     def failover(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for what in ("panic", "watchdog"):
-            frozen = _repeat(self.reps, lambda i, w=what: self.failover_once(w, "freeze", i))
-            stock = _repeat(self.reps, lambda i, w=what: self.failover_once(w, "pause", i))
+            frozen = _repeat(self.reps, functools.partial(self.failover_once, what, "freeze"))
+            stock = _repeat(self.reps, functools.partial(self.failover_once, what, "pause"))
             out[what] = {"freeze": frozen, "pause_then_quit": stock,
                          "ratio_freeze_over_stock": frozen.median / stock.median}
         return out

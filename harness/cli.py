@@ -240,8 +240,8 @@ def _export_mail(args: argparse.Namespace) -> int:
         print(f"gate {r.gate} failed for {r.patch}: {r.detail}")
     if result.rebase is not None:
         print(f"rebase check onto {args.onto}:")
-        for r in result.rebase:
-            print(f"  {r.patch}: {r.status}" + (f"\n    {r.detail}" if r.detail else ""))
+        for rb in result.rebase:
+            print(f"  {rb.patch}: {rb.status}" + (f"\n    {rb.detail}" if rb.detail else ""))
     check = export.verify_mail(tree.path, result.files, args.signoff)
     print(f"git am onto the base: {check.applied} applied, {check.signed} carry your "
           f"Signed-off-by last, result {'equals' if check.same_tree else 'DIFFERS from'} "

@@ -65,7 +65,9 @@ def read_patch(path: Path) -> PatchFile:
     date_text = _header(message, "Date")
     if not (message.get("From") and date_text):
         raise ExportError(f"{path.name}: not a git format-patch file (no From or Date)")
-    payload = (message.get_payload(decode=True) or b"").decode("utf-8", errors="replace")
+    raw = message.get_payload(decode=True) or b""
+    assert isinstance(raw, bytes)  # decode=True on a non-multipart message
+    payload = raw.decode("utf-8", errors="replace")
     body, sep, diff = payload.partition("\n---\n")
     if not sep:
         raise ExportError(f"{path.name}: no '---' line between message and diff")
@@ -203,7 +205,8 @@ def qemu_recipients(tree: Path, files: list[Path]) -> Recipients:
                            *map(str, files)], cwd=tree, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ExportError(f"{script} failed:\n{proc.stderr[-1500:]}")
-    lists, people = [], []
+    lists: list[tuple[str, str]] = []
+    people: list[tuple[str, str]] = []
     for line in proc.stdout.splitlines():
         address, _, role = line.partition(" (")
         if address.strip():

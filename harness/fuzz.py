@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import itertools
 import json
 import logging
@@ -1347,7 +1348,7 @@ class _Fuzzer:
                     (
                         "nbd-client-write",
                         f"{sock.name} export={name}",
-                        lambda s=sock, n=name: self._nbd_write(s, n),
+                        functools.partial(self._nbd_write, sock, name),
                     )
                 )
         if item.command in NET_CHANGING:
@@ -1356,7 +1357,7 @@ class _Fuzzer:
             out.append(("announce-self", "after an accepted network change", self._announce))
         if item.command == "gdbserver" and isinstance(args, str) and "unix:" in args:
             path = Path(args.split("unix:", 1)[1].split(",", 1)[0])
-            out.append(("gdb-continue-step", path.name, lambda p=path: self._gdb_run(p)))
+            out.append(("gdb-continue-step", path.name, functools.partial(self._gdb_run, path)))
         return out
 
     def _announce(self) -> bool:
@@ -1576,7 +1577,7 @@ def _run_fuzz(
             # may abort QEMU.
             for sock in frig.nbd_sockets[:1]:
                 fz.run_probe("nbd-client-write", f"{sock.name} export=pre (opened before)",
-                             lambda s=sock: fz._nbd_write(s, "pre"))  # fmt: skip
+                             functools.partial(fz._nbd_write, sock, "pre"))  # fmt: skip
     if not fz.dead and final:
         time.sleep(2.0)  # late writers (jobs, detached dumps) get their chance
         tail = CallResult("setup", "after the fuzz (2 s later)", "", refused=True)

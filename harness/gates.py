@@ -56,6 +56,7 @@ def shape(patch: Path) -> GateResult:
     message = email.message_from_bytes(patch.read_bytes(), policy=email.policy.compat32)
     subject = _subject(message)
     payload = message.get_payload(decode=True) or b""
+    assert isinstance(payload, bytes)  # decode=True on a non-multipart message
     body = payload.decode(errors="replace").split("\n---\n", 1)[0]
     problems = []
     if len(subject) > SUBJECT_MAX:

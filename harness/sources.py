@@ -130,7 +130,7 @@ def debian_archive_entries(entries: list[AptEntry]) -> list[AptEntry]:
     lives in another archive) and the `debian` path component of the URI, so
     third-party repositories configured beside it are left out.
     """
-    found = []
+    found: list[AptEntry] = []
     for entry in entries:
         path = urllib.parse.urlparse(entry.uri).path.rstrip("/")
         if not path.endswith("/debian"):
