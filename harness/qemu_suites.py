@@ -21,10 +21,12 @@ what the budget did not reach is reported as not run.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -162,6 +164,44 @@ def _iotests_dirs(install: build.Install) -> tuple[Path, Path]:
     return install.tree / "tests" / "qemu-iotests", install.build_dir / "tests" / "qemu-iotests"
 
 
+@dataclass(frozen=True)
+class Finished:
+    """What a test process printed and how it ended (returncode None: timed out)."""
+
+    returncode: int | None
+    stdout: str
+    stderr: str
+
+
+def run_group(cmd: list[str], *, cwd: Path | None, env: dict[str, str], timeout: float) -> Finished:
+    """Run `cmd` in its own process group and end the whole group after it.
+
+    iotests and qtests start QEMU, qemu-storage-daemon and shells of their
+    own: on a timeout, or when the gate itself is interrupted, every one of
+    them is killed by the group's ID instead of being left running.
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return Finished(proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        return Finished(None, out, err)
+    finally:
+        # whatever the test left behind goes with its group, also on an interrupt
+        _kill_group(proc)
+        if proc.returncode is None:
+            proc.communicate()
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def run_iotest(install: build.Install, fmt: str, name: str) -> SideResult:
     """One iotest in `install`'s build tree, the way meson's block suite runs it."""
     src, bld = _iotests_dirs(install)
@@ -181,22 +221,14 @@ def run_iotest(install: build.Install, fmt: str, name: str) -> SideResult:
     env["TEST_DIR"] = str(bld / "scratch-gate")
     env["SOCK_DIR"] = str(_sock_dir(install))
     start = time.monotonic()
-    try:
-        proc = subprocess.run(
-            cmd, cwd=bld, env=env, capture_output=True, text=True, timeout=IOTEST_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = (
-            (exc.stdout or b"").decode(errors="replace")
-            if isinstance(exc.stdout, bytes)
-            else (exc.stdout or "")
-        )
+    proc = run_group(cmd, cwd=bld, env=env, timeout=IOTEST_TIMEOUT_S)
+    seconds = time.monotonic() - start
+    if proc.returncode is None:
         return SideResult(
             "fail",
-            f"timed out after {IOTEST_TIMEOUT_S:.0f} s\n" + out[-DETAIL_TAIL:],
-            time.monotonic() - start,
+            f"timed out after {IOTEST_TIMEOUT_S:.0f} s\n" + proc.stdout[-DETAIL_TAIL:],
+            seconds,
         )
-    seconds = time.monotonic() - start
     result = parse_tap(proc.stdout).get(name)
     if result is None:
         return SideResult(
@@ -224,29 +256,14 @@ def run_qtest(install: build.Install, name: str) -> SideResult:
     log = install.build_dir / "meson-logs" / f"{logbase}.json"
     log.unlink(missing_ok=True)
     start = time.monotonic()
-    try:
-        proc = subprocess.run(
-            [
-                "meson",
-                "test",
-                "-C",
-                str(install.build_dir),
-                "--no-rebuild",
-                "--num-processes=1",
-                "--logbase",
-                logbase,
-                f"{QTEST_SUITE}/{name}",
-            ],
-            env=build.build_env(install.tree),
-            capture_output=True,
-            text=True,
-            timeout=QTEST_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        return SideResult(
-            "fail", f"meson test hung for {QTEST_TIMEOUT_S:.0f} s", time.monotonic() - start
-        )
+    proc = run_group(
+        ["meson", "test", "-C", str(install.build_dir), "--no-rebuild", "--num-processes=1",
+         "--logbase", logbase, f"{QTEST_SUITE}/{name}"],
+        cwd=None, env=build.build_env(install.tree), timeout=QTEST_TIMEOUT_S,
+    )  # fmt: skip
     seconds = time.monotonic() - start
+    if proc.returncode is None:
+        return SideResult("fail", f"meson test hung for {QTEST_TIMEOUT_S:.0f} s", seconds)
     entries = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     if len(entries) != 1:
         return SideResult(

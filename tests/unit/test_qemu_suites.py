@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,25 @@ def test_report_lists_what_is_not_a_plain_pass() -> None:
     assert "pre-existing iotests-qcow2/002: stock fail, frozen fail" in text
     assert "regression   qtest-x86_64/qom-test: stock pass, frozen fail" in text
     assert "iotests-qcow2/001" not in text
+
+
+def test_run_group_kills_what_the_test_started(tmp_path: Path) -> None:
+    """A timed-out test's own children (a QEMU, a daemon) die with it."""
+    pidfile = tmp_path / "child.pid"
+    script = f"sleep 300 & echo $! > {pidfile}; echo started; sleep 300"
+    r = qemu_suites.run_group(["sh", "-c", script], cwd=None, env=dict(os.environ), timeout=1.0)
+    assert r.returncode is None
+    assert "started" in r.stdout
+    child = int(pidfile.read_text())
+    # reaped by init or gone: either way no longer a running sleep
+    try:
+        state = Path(f"/proc/{child}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), f"child {child} still running ({state})"
+
+
+def test_run_group_returns_output_and_status() -> None:
+    r = qemu_suites.run_group(["sh", "-c", "echo out; echo err >&2; exit 3"], cwd=None,
+                              env=dict(os.environ), timeout=10.0)  # fmt: skip
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
