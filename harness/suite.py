@@ -116,12 +116,28 @@ class Suite:
         return "\n".join(lines)
 
 
+def lint_commands() -> list[list[str]]:
+    """The lint stage's tools, each one result: ruff, its formatter, mypy."""
+    root = config.repo_root()
+    paths = [str(root / "harness"), str(root / "tests")]
+    return [
+        [_venv_tool("ruff"), "check", *paths],
+        [_venv_tool("ruff"), "format", "--check", *paths],
+        [_venv_tool("mypy"), "--config-file", str(root / "pyproject.toml")],
+    ]
+
+
 def stage_lint(suite: Suite) -> None:
     start = time.monotonic()
-    rc = _run([_venv_tool("ruff"), "check", str(config.repo_root() / "harness"),
-               str(config.repo_root() / "tests")])
-    counts = Counts(passed=int(rc == 0), failed=int(rc != 0),
-                    failures=[] if rc == 0 else ["ruff check"])
+    counts = Counts()
+    for cmd in lint_commands():
+        rc = _run(cmd, cwd=config.repo_root())
+        name = " ".join([Path(cmd[0]).name, *cmd[1:2]])
+        if rc == 0:
+            counts.passed += 1
+        else:
+            counts.failed += 1
+            counts.failures.append(name)
     suite.record("lint", counts, start)
 
 
