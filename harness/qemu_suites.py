@@ -88,6 +88,8 @@ class SideResult:
 
 
 NOT_RUN = SideResult("not run")
+#: the side's tree has no such test
+ABSENT = SideResult("absent")
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,13 @@ class Comparison:
     test: SuiteTest
     stock: SideResult
     frozen: SideResult
-    #: pass, pre-existing, fixed, regression, changed, skipped or not run
+    #: pass, pre-existing, fixed, new, regression, vanished, changed,
+    #: skipped or not run
     verdict: str
 
     @property
     def ok(self) -> bool:
-        return self.verdict in ("pass", "pre-existing", "fixed")
+        return self.verdict in ("pass", "pre-existing", "fixed", "new")
 
     @property
     def skipped(self) -> bool:
@@ -111,6 +114,11 @@ class Comparison:
 
 def judge(stock: SideResult, frozen: SideResult) -> str:
     """The verdict on one test from its stock and frozen results."""
+    if frozen.result == "absent":
+        return "vanished"  # the series removed or renamed a test
+    if stock.result == "absent":
+        # the series' own tests: new, and they must pass
+        return "new" if frozen.result == "pass" else "regression"
     if "not run" in (stock.result, frozen.result):
         return "not run"
     pair = (stock.result, frozen.result)
@@ -354,30 +362,41 @@ def close_iotests(install: build.Install) -> list[str]:
     return [n for n in CLOSE_IOTESTS if (src / n).exists() or (src / "tests" / n).exists()]
 
 
-def plan(stock: build.Install, frozen: build.Install) -> list[SuiteTest]:
+@dataclass(frozen=True)
+class Plan:
+    """The tests in gate order, and which of them each side's tree has."""
+
+    tests: list[SuiteTest]
+    stock: frozenset[SuiteTest]
+    frozen: frozenset[SuiteTest]
+
+
+def plan(stock: build.Install, frozen: build.Install) -> Plan:
     """Every test the gate runs, in order: close iotests, qtests, quick groups.
 
-    The lists come from both trees; a test only one side has is still run
-    on both (the other side reports it failed), so a vanished test shows.
+    The lists come from both trees: a test only the frozen tree has is new
+    (the series' own), one only the stock tree has vanished (a regression).
     """
     tests: list[SuiteTest] = []
-    seen: set[SuiteTest] = set()
+    has: dict[str, set[SuiteTest]] = {"stock": set(), "frozen": set()}
 
-    def add(suite: str, names: list[str]) -> None:
+    def add(suite: str, side: str, names: list[str]) -> None:
         for name in names:
             t = SuiteTest(suite, name)
-            if t not in seen:
-                seen.add(t)
+            if t not in has["stock"] and t not in has["frozen"]:
                 tests.append(t)
+            has[side].add(t)
 
+    sides = (("stock", stock), ("frozen", frozen))
     for fmt in IOTEST_FORMATS:
-        add(f"iotests-{fmt}", close_iotests(stock) + close_iotests(frozen))
-    add(QTEST_SUITE, list_qtests(stock) + list_qtests(frozen))
+        for side, inst in sides:
+            add(f"iotests-{fmt}", side, close_iotests(inst))
+    for side, inst in sides:
+        add(QTEST_SUITE, side, list_qtests(inst))
     for fmt in IOTEST_FORMATS:
-        add(
-            f"iotests-{fmt}", list_iotests(stock, fmt, "quick") + list_iotests(frozen, fmt, "quick")
-        )
-    return tests
+        for side, inst in sides:
+            add(f"iotests-{fmt}", side, list_iotests(inst, fmt, "quick"))
+    return Plan(tests, frozenset(has["stock"]), frozenset(has["frozen"]))
 
 
 # --------------------------------------------------------------------------
@@ -426,7 +445,8 @@ def run(
         build.layout_firmware(
             install.build_dir, build.bundle_datadir(install.build_dir, install.prefix)
         )
-    tests = plan(stock, frozen)
+    planned = plan(stock, frozen)
+    tests = planned.tests
     say(
         f"qemu-suites: {len(tests)} tests, stock {stock.tree.name} against "
         f"frozen {frozen.tree.name}"
@@ -435,7 +455,10 @@ def run(
     out: list[Comparison] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         for done, test in enumerate(tests, 1):
-            sides = {"stock": _cached(stock, test), "frozen": _cached(frozen, test)}
+            sides = {
+                "stock": _cached(stock, test) if test in planned.stock else ABSENT,
+                "frozen": _cached(frozen, test) if test in planned.frozen else ABSENT,
+            }
             if (
                 any(r is None for r in sides.values())
                 and deadline is not None

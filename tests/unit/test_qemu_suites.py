@@ -25,6 +25,11 @@ PASS, FAIL, SKIP = SideResult("pass"), SideResult("fail", "boom"), SideResult("s
     (FAIL, SKIP, "changed", False),
     (qemu_suites.NOT_RUN, PASS, "not run", False),
     (PASS, qemu_suites.NOT_RUN, "not run", False),
+    (qemu_suites.ABSENT, PASS, "new", True),
+    (qemu_suites.ABSENT, FAIL, "regression", False),
+    (qemu_suites.ABSENT, SKIP, "regression", False),
+    (PASS, qemu_suites.ABSENT, "vanished", False),
+    (FAIL, qemu_suites.ABSENT, "vanished", False),
 ])  # fmt: skip
 def test_judge(stock: SideResult, frozen: SideResult, verdict: str, ok: bool) -> None:
     c = qemu_suites.compare(SuiteTest("iotests-raw", "001"), stock, frozen)
@@ -84,7 +89,10 @@ def _fake(
         return results[(install.variant, test.name)]
 
     monkeypatch.setenv("FROZEN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(qemu_suites, "plan", lambda stock, frozen: tests)
+    every = frozenset(tests)
+    monkeypatch.setattr(
+        qemu_suites, "plan", lambda stock, frozen: qemu_suites.Plan(tests, every, every)
+    )
     monkeypatch.setattr(qemu_suites, "run_one", run_one)
     monkeypatch.setattr(build, "layout_firmware", lambda *a: None)
     monkeypatch.setattr(build, "bundle_datadir", lambda *a: tmp_path)
@@ -157,3 +165,20 @@ def test_run_group_returns_output_and_status() -> None:
     r = qemu_suites.run_group(["sh", "-c", "echo out; echo err >&2; exit 3"], cwd=None,
                               env=dict(os.environ), timeout=10.0)  # fmt: skip
     assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+
+
+def test_plan_orders_and_tells_the_sides_apart(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    stock, frozen = _install(tmp_path, "stock"), _install(tmp_path, "frozen")
+    qtests = {"stock": ["qom-test", "old-test"], "frozen": ["qom-test", "frozen-test"]}
+    monkeypatch.setattr(qemu_suites, "close_iotests", lambda inst: ["inactive-node-nbd"])
+    monkeypatch.setattr(qemu_suites, "list_qtests", lambda inst: qtests[inst.variant])
+    monkeypatch.setattr(qemu_suites, "list_iotests", lambda inst, fmt, group: ["001"])
+    p = qemu_suites.plan(stock, frozen)
+    assert [t.label for t in p.tests] == [
+        "iotests-raw/inactive-node-nbd", "iotests-qcow2/inactive-node-nbd",
+        "qtest-x86_64/qom-test", "qtest-x86_64/old-test", "qtest-x86_64/frozen-test",
+        "iotests-raw/001", "iotests-qcow2/001",
+    ]  # fmt: skip
+    assert SuiteTest("qtest-x86_64", "frozen-test") not in p.stock
+    assert SuiteTest("qtest-x86_64", "old-test") not in p.frozen
