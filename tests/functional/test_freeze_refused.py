@@ -18,6 +18,9 @@ while the checkpoints go on.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from frozen_test import FrozenTest
@@ -30,8 +33,10 @@ POSTCOPY_REFUSED = (
     "The VM cannot be frozen during an incoming postcopy migration: "
     "part of its memory is still on the source"
 )
-#: Slow enough that 256 MiB of guest RAM stays in postcopy for minutes.
+#: 1 MiB/s: MIGRATION_RAM_MB of random RAM stays in postcopy for a minute.
 POSTCOPY_BANDWIDTH = 1 << 20
+MIGRATION_RAM_MB = 64
+RAM_BACKEND = ["-object", f"memory-backend-ram,id=mem,size={MIGRATION_RAM_MB}M"]
 #: SeaBIOS shows its boot menu prompt for the splash time, then finds no
 #: boot device.  The record runs to the end; the replay is frozen at the
 #: prompt, seconds of guest time before the log (and the replay) ends.
@@ -84,67 +89,75 @@ class FreezeRefused(FrozenTest):
     def _migration_vm(self, name: str, extra: list[str]) -> VM:
         return VM(
             system_binary(self.prefix),
-            ["-machine", "pc", "-m", "256", *extra],
+            ["-machine", "pc,memory-backend=mem", "-m", str(MIGRATION_RAM_MB), *extra],
             name=name,
             log_dir=Path(self.logdir) / name,
             firmware_dirs=self.fw,
             console="debugcon",
         )
 
-    def test_postcopy_destination(self) -> None:
-        """``freeze`` of a postcopy destination fails and the migration goes on."""
-        caps = {"capabilities": [{"capability": "postcopy-ram", "state": True},
-                                 {"capability": "events", "state": True}]}  # fmt: skip
+    def _random_ram(self) -> list[str]:
+        """Guest RAM that starts as random bytes, not zero pages.
+
+        Zero pages migrate as flags, so an idle guest's RAM would be sent
+        in a moment whatever the bandwidth limit; random pages take
+        MIGRATION_RAM_MB seconds at POSTCOPY_BANDWIDTH.
+        """
+        path = self.work / "ram.bin"
+        with path.open("wb") as f:
+            for _ in range(MIGRATION_RAM_MB):
+                f.write(os.urandom(1 << 20))
+        return ["-object", f"memory-backend-file,id=mem,size={MIGRATION_RAM_MB}M,"
+                           f"mem-path={path},share=off"]  # fmt: skip
+
+    @contextlib.contextmanager
+    def _migrating(self, names: tuple[str, str], caps: list[str],
+                   params: dict[str, int]) -> Iterator[tuple[VM, VM]]:  # fmt: skip
+        """A source on KVM migrating to a destination, both with `caps`."""
         with (
-            self._migration_vm("source", []) as src,
-            self._migration_vm("destination", ["-incoming", "defer"]) as dst,
+            self._migration_vm(names[0], self._random_ram()) as src,
+            self._migration_vm(names[1], [*RAM_BACKEND, "-incoming", "defer"]) as dst,
         ):
             # The destination's private dir keeps the socket path short.
             sock = dst.paths.sock_dir / "migrate.sock"
             src.wait_for_console(SEABIOS_BANNER, 60)
+            wanted = [{"capability": c, "state": True} for c in (*caps, "events")]
             for vm in (src, dst):
-                vm.cmd("migrate-set-capabilities", caps)
-            limit = {"max-bandwidth": POSTCOPY_BANDWIDTH,
-                     "max-postcopy-bandwidth": POSTCOPY_BANDWIDTH}  # fmt: skip
-            src.cmd("migrate-set-parameters", limit)
+                vm.cmd("migrate-set-capabilities", capabilities=wanted)
+            src.cmd("migrate-set-parameters", params)
             dst.cmd("migrate-incoming", uri=f"unix:{sock}")
             src.cmd("migrate", uri=f"unix:{sock}")
+            yield src, dst
+
+    def _assert_freeze_refused(self, vm: VM, expected: str, what: str) -> None:
+        err = vm.try_cmd("freeze")
+        self.assertIsNotNone(err, f"freeze of {what} was accepted")
+        assert err is not None
+        self.assertEqual(err.desc, expected)
+        self.assertEqual(vm.events("FROZEN"), [])
+
+    def test_postcopy_destination(self) -> None:
+        """``freeze`` of a postcopy destination fails and the migration goes on."""
+        limit = {"max-bandwidth": POSTCOPY_BANDWIDTH,
+                 "max-postcopy-bandwidth": POSTCOPY_BANDWIDTH}  # fmt: skip
+        with self._migrating(("source", "destination"), ["postcopy-ram"], limit) as (src, dst):
             src.event_wait("MIGRATION", 30, match={"data": {"status": "active"}})
             src.cmd("migrate-start-postcopy")
             dst.event_wait("MIGRATION", 30, match={"data": {"status": "postcopy-active"}})
             dst.event_wait("RESUME", 30)
-            err = dst.try_cmd("freeze")
-            self.assertIsNotNone(err, "freeze of a postcopy destination was accepted")
-            assert err is not None
-            self.assertEqual(err.desc, POSTCOPY_REFUSED)
+            self._assert_freeze_refused(dst, POSTCOPY_REFUSED, "a postcopy destination")
             self.assertEqual(dst.status(), "running")
             self.assertEqual(dst.cmd("query-migrate")["status"], "postcopy-active")
-            self.assertEqual(dst.events("FROZEN"), [])
 
     def test_colo(self) -> None:
         """``freeze`` on a COLO primary and secondary fails; checkpoints go on."""
-        caps = {"capabilities": [{"capability": "x-colo", "state": True},
-                                 {"capability": "events", "state": True}]}  # fmt: skip
-        with (
-            self._migration_vm("primary", []) as pri,
-            self._migration_vm("secondary", ["-incoming", "defer"]) as sec,
-        ):
-            sock = sec.paths.sock_dir / "colo.sock"
-            pri.wait_for_console(SEABIOS_BANNER, 60)
-            for vm in (pri, sec):
-                vm.cmd("migrate-set-capabilities", caps)
-            pri.cmd("migrate-set-parameters", {"x-checkpoint-delay": COLO_CHECKPOINT_DELAY})
-            sec.cmd("migrate-incoming", uri=f"unix:{sock}")
-            pri.cmd("migrate", uri=f"unix:{sock}")
+        delay = {"x-checkpoint-delay": COLO_CHECKPOINT_DELAY}
+        with self._migrating(("primary", "secondary"), ["x-colo"], delay) as (pri, sec):
             pri.event_wait("MIGRATION", 60, match={"data": {"status": "colo"}})
             sec.event_wait("MIGRATION", 60, match={"data": {"status": "colo"}})
             for vm, mode in ((pri, "primary"), (sec, "secondary")):
                 self.assertEqual(vm.cmd("query-colo-status")["mode"], mode)
-                err = vm.try_cmd("freeze")
-                self.assertIsNotNone(err, f"freeze of the COLO {mode} was accepted")
-                assert err is not None
-                self.assertEqual(err.desc, COLO_REFUSED)
-                self.assertEqual(vm.events("FROZEN"), [])
+                self._assert_freeze_refused(vm, COLO_REFUSED, f"the COLO {mode}")
             # Checkpoints still run: the secondary stops and resumes for each.
             mark = sec.event_mark()
             sec.event_wait("STOP", 30, after=mark)

@@ -97,15 +97,18 @@ class Unseverable(FrozenTest):
         self._assert_refused(vm, "watchdog-set-action", refusal, action="freeze")
         self._assert_not_frozen(vm)
 
+    def _assert_vm_refuses(self, name: str, extra: list[str], refusal: str) -> None:
+        with self._vm(name, extra) as vm:
+            vm.wait_for_console(SEABIOS_BANNER, 60)
+            self._assert_all_refused(vm, refusal)
+
     def test_vhost_user_blk(self) -> None:
         """A vhost-user-blk disk (qemu-storage-daemon): every freeze refused."""
         with self._blk_backend("vub0") as backend:
             extra = ["-chardev", f"socket,id=vub0c,path={backend.socket}",
                      "-device", "vhost-user-blk-pci,id=vub0,chardev=vub0c"]  # fmt: skip
-            with self._vm("vub", extra) as vm:
-                vm.wait_for_console(SEABIOS_BANNER, 60)
-                refusal = DEVICE_REFUSED.format(id="vub0", type="vhost-user-blk-pci")
-                self._assert_all_refused(vm, refusal)
+            refusal = DEVICE_REFUSED.format(id="vub0", type="vhost-user-blk-pci")
+            self._assert_vm_refuses("vub", extra, refusal)
 
     def test_vhost_user_net(self) -> None:
         """A vhost-user NIC (vhost-user-bridge): every freeze refused."""
@@ -115,10 +118,8 @@ class Unseverable(FrozenTest):
             extra = ["-chardev", f"socket,id=vun0c,path={sock}",
                      "-netdev", "vhost-user,id=vun0,chardev=vun0c",
                      "-device", "virtio-net-pci,netdev=vun0,id=nic0"]  # fmt: skip
-            with self._vm("vun", extra) as vm:
-                vm.wait_for_console(SEABIOS_BANNER, 60)
-                refusal = NETDEV_REFUSED.format(id="vun0", type="vhost-user")
-                self._assert_all_refused(vm, refusal)
+            refusal = NETDEV_REFUSED.format(id="vun0", type="vhost-user")
+            self._assert_vm_refuses("vun", extra, refusal)
 
     def test_hotplug_with_a_freeze_action(self) -> None:
         """With panic=freeze set, vhost-user devices and netdevs cannot be added."""
