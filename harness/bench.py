@@ -38,6 +38,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -52,6 +53,7 @@ from typing import Any
 
 from harness import build, checks, config, guest, patches
 from harness.progress import say
+from harness.vm import VMTimeout
 
 MEMORY_SIZES_MB = (512, 2048, 4096, 8192)
 DISK_COUNTS = (1, 8, 24)
@@ -539,6 +541,13 @@ class Bench:
     load_mb: int = LOAD_MB
     speed_mb: int = MIRROR_SPEED_MB
     steady_s: float = STEADY_WINDOW_S
+    #: QEMU trace event patterns (-trace enable=...), logged with timestamps
+    #: to each VM's qemu.log (the log backend) to see where a command's time goes
+    trace: Sequence[str] = ()
+    #: attach strace (STRACE_SYSCALLS, -tt -T) to QEMU just before each
+    #: command: a diagnostic that shows which syscalls a command waits for,
+    #: and slows those syscalls down; never for figures
+    strace: bool = False
     #: the harness client's no-op round trip, one per VM (for the header only)
     harness_floors: list[float] = field(default_factory=list)
     _serial: int = 0
@@ -553,8 +562,11 @@ class Bench:
         workdir = self.workdir / f"{self._serial:04d}-{side}-{name}"
         workdir.mkdir(parents=True, exist_ok=True)
         sock_dir = Path(tempfile.mkdtemp(prefix="fzb-"))  # short: sun_path is 108 bytes
-        extra = [*layout_args(layout, workdir, self.prefix(side)),
-                 *qmp2_args(sock_dir / "q")]  # fmt: skip
+        extra = [*layout_args(layout, workdir, self.prefix(side)), *qmp2_args(sock_dir / "q")]
+        for pattern in self.trace:
+            extra += ["-trace", f"enable={pattern}"]
+        if self.trace:
+            extra += ["-msg", "timestamp=on"]  # the log backend's pid@seconds prefix
         timeout = 120.0 if layout.ram_mb and layout.ram_mb > 1024 else 30.0
         try:
             rig_cm = checks.probe_rig(
@@ -610,19 +622,27 @@ class Bench:
             out["floor"] = box.qmp.floor()
             image = layout.load_image if job else box.rig.image
             assert image is not None
-            with Standby(image) as sb:
+            with Standby(image) as sb, contextlib.ExitStack() as stack:
                 if standby:
                     sb.start()
                 if load is not None:
                     out.update(self.start_load(box, load))
+                if self.strace:
+                    stack.enter_context(
+                        strace_attached(box.rig.vm.pid, box.rig.workdir / "strace.log")
+                    )
                 if job:
                     done, total = job_progress(box.qmp)
                     out["job_offset_frac"] = done / total if total else None
                     out["mid_copy"] = 0 < done < total
                 try:
                     send, out["latency"] = self.act(box, action)
-                except LeanQMPError as e:
-                    out["latency"], out["error"] = None, str(e)
+                except (LeanQMPError, OSError, TimeoutError) as e:
+                    out["latency"], out["error"] = None, f"{action}: {e}"
+                    with contextlib.suppress(VMTimeout):
+                        rc = box.rig.vm.wait_for_exit(2)
+                        out["error"] += f" (QEMU died, rc {rc}: "
+                        out["error"] += f"{_last_line(box.rig.vm.paths.qemu_log)})"
                     return out
                 if standby:
                     try:
@@ -719,6 +739,7 @@ class Bench:
         return {"curve": curve}
 
     def load(self, loads: Sequence[str]) -> dict[str, Any]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         source = self.workdir / "load-source.raw"
         say(f"bench: writing a {self.load_mb} MiB source image for the jobs")
         fill_image(source, self.load_mb)
@@ -785,6 +806,47 @@ class Bench:
         return out
 
 
+STRACE_SYSCALLS = "fdatasync,fsync,fcntl,close,pwrite64,pwritev,pwritev2,io_uring_enter"
+
+
+@contextlib.contextmanager
+def strace_attached(pid: int, out: Path, syscalls: str = STRACE_SYSCALLS) -> Iterator[None]:
+    """strace on every thread of `pid` for the duration; ended by its PID."""
+    proc = subprocess.Popen(
+        ["strace", "-f", "-tt", "-T", "-e", f"trace={syscalls}", "-o", str(out), "-p", str(pid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not _all_traced(pid, proc.pid):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"strace did not attach to {pid}")
+            time.sleep(0.01)  # waiting for ptrace to seize every thread
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # strace detaches and writes out
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _all_traced(pid: int, tracer: int) -> bool:
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in status.read_text().splitlines():
+                if line.startswith("TracerPid:") and int(line.split()[1]) != tracer:
+                    return False
+    return True
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return lines[-1] if lines else "no message"
+
+
 def summarize(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stats of one action's samples: latency, client floor, lock free, job state."""
     out: dict[str, Any] = {
@@ -792,6 +854,7 @@ def summarize(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "floor": stat_or_none([s.get("floor") for s in samples]),
         "lock_free": stat_or_none([s.get("lock_free") for s in samples]),
     }
+    out["samples"] = [dict(s) for s in samples]  # the raw figures, in run order
     errors = sorted({e for s in samples for e in (s.get("error"), s.get("lock_error")) if e})
     if errors:
         out["errors"] = errors
@@ -981,6 +1044,8 @@ def table(result: Mapping[str, Any]) -> str:
                 f"  qemu incremental after touching a patch that changes C: "
                 f"{b['qemu_incremental_s']:.0f} s"
             )
+    for name, error in (result.get("errors") or {}).items():
+        lines += ["", f"section {name} failed: {error}"]
     lines += ["", "targets (value <= limit):", *(t.line() for t in targets(result))]
     return "\n".join(lines)
 
@@ -1101,16 +1166,18 @@ def run(stock: Path, frozen: Path, *, reps: int = 3,
         disks: Sequence[int] = DISK_COUNTS, nics: Sequence[int] = NIC_COUNTS,
         formats: Sequence[str] = FORMATS, loads: Sequence[str] = LOADS,
         load_mb: int = LOAD_MB, speed_mb: int = MIRROR_SPEED_MB,
-        steady_s: float = STEADY_WINDOW_S,
+        steady_s: float = STEADY_WINDOW_S, trace: Sequence[str] = (), strace: bool = False,
         out_dir: Path | None = None) -> tuple[dict[str, Any], Path]:  # fmt: skip
     """Run the chosen sections; returns the result and the directory written."""
     out_dir = out_dir or config.cache_root() / "results" / time.strftime("bench-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     bench = Bench(stock, frozen, out_dir / "work", reps, checks.default_accel(),
-                  load_mb=load_mb, speed_mb=speed_mb, steady_s=steady_s)  # fmt: skip
+                  load_mb=load_mb, speed_mb=speed_mb, steady_s=steady_s,
+                  trace=tuple(trace), strace=strace)  # fmt: skip
     result: dict[str, Any] = {
         "accel": bench.accel, "reps": reps, "stock_prefix": str(stock),
         "frozen_prefix": str(frozen), "load_mb": load_mb, "speed_mb": speed_mb,
+        "trace": list(trace), "strace": strace, "work": str(out_dir / "work"),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg": os.getloadavg()[0],
         # Failover under Pacemaker (time to the service's first write on node 2,
         # frozen agent against stock, memory kept) comes from the cluster work:
@@ -1129,7 +1196,11 @@ def run(stock: Path, frozen: Path, *, reps: int = 3,
     for name in SECTIONS:
         if name in sections:
             say(f"bench: {name}")
-            result[name] = steps[name]()
+            try:
+                result[name] = steps[name]()
+            except Exception as e:  # one section's failure does not lose the others
+                say(f"bench: {name} failed: {e!r}")
+                result.setdefault("errors", {})[name] = repr(e)
     if bench.harness_floors:
         result["harness_floor"] = Stat.of(bench.harness_floors)
     result["loadavg_end"] = os.getloadavg()[0]

@@ -130,7 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stock, frozen, reps=args.reps, sections=sections, sizes=tuple(args.sizes),
         disks=tuple(args.disks), nics=tuple(args.nics), formats=tuple(args.formats),
         loads=tuple(args.loads), load_mb=args.load_mb, speed_mb=args.speed_mb,
-        steady_s=args.steady_s, out_dir=args.out,
+        steady_s=args.steady_s, trace=args.trace, strace=args.strace, out_dir=args.out,
     )
     print(bench.table(result))
     print(f"\nresults: {out_dir / 'bench.json'}\nplot:    {out_dir / 'bench.png'}"
@@ -196,6 +196,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stock-prefix", type=Path, help="stock QEMU install (default: build/cache)")
     p.add_argument("--frozen-prefix", type=Path, help="frozen QEMU install (default: build/cache)")
     p.add_argument("--out", type=Path, help="result directory (default: in the cache)")
+    p.add_argument("--trace", nargs="+", default=[], metavar="PATTERN",
+                   help="QEMU trace events to log in each VM's qemu.log (e.g. 'job_*')")
+    p.add_argument("--strace", action="store_true",
+                   help="diagnostic: strace QEMU's sync/lock/write syscalls around each command "
+                        "(slows them down: not for figures)")
     p.add_argument("--table", type=Path, metavar="JSON",
                    help="print the README table of a bench.json and exit")
     p.add_argument("--no-builds", action="store_true", help="skip the build timings")
