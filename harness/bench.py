@@ -717,25 +717,27 @@ class Bench:
         return out
 
     def memory(self, sizes: Sequence[int]) -> dict[str, Any]:
+        """freeze (frozen) against stop + dump-guest-memory (stock), per RAM size."""
         curve: dict[int, dict[str, Any]] = {}
         for mb in sizes:
             frozen: list[float] = []
             dumped: list[float] = []
+            floors: list[float] = []
             for i in range(self.reps):
                 say(f"bench: {mb} MB guest {i + 1}/{self.reps}")
                 with self.box("frozen", f"mem{mb}-{i}", Layout(ram_mb=mb)) as box:
+                    floors.append(box.qmp.floor())
                     frozen.append(self.act(box, "freeze")[1])
                 with self.box("stock", f"dump{mb}-{i}", Layout(ram_mb=mb)) as box:
+                    floors.append(box.qmp.floor())
                     box.qmp.execute("stop")
                     dump = box.rig.workdir / "dump.elf"
-                    took, _ = box.qmp.timed(
-                        "dump-guest-memory",
-                        {"paging": False, "protocol": f"file:{dump}"},
-                        timeout=600,
-                    )
+                    took, _ = box.qmp.timed("dump-guest-memory", {
+                        "paging": False, "protocol": f"file:{dump}"}, timeout=600)  # fmt: skip
                     dumped.append(took)
                     dump.unlink()
-            curve[mb] = {"freeze": Stat.of(frozen), "dump": Stat.of(dumped)}
+            curve[mb] = {"freeze": Stat.of(frozen), "dump": Stat.of(dumped),
+                         "floor": Stat.of(floors)}  # fmt: skip
         return {"curve": curve}
 
     def load(self, loads: Sequence[str]) -> dict[str, Any]:
@@ -1012,7 +1014,8 @@ def table(result: Mapping[str, Any]) -> str:
     if mem and mem.get("curve"):
         lines += ["", "guest RAM   freeze (frozen)                dump-guest-memory (stock)"]
         for mb, row in mem["curve"].items():
-            lines.append(f"{int(mb):6d} MB {_ms(row['freeze'])}   {_ms(row['dump'])}")
+            lines.append(f"{int(mb):6d} MB {_ms(row['freeze'])}   {_ms(row['dump'])}"
+                         f"{_floor_ms(row)}")  # fmt: skip
     for load, block in (result.get("load") or {}).items():
         lines += ["", *_rows(f"under load: {load}", block)]
     fail = result.get("failover")
@@ -1064,33 +1067,45 @@ def readme_table(result: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
 
+    notes: list[str] = []
+
+    def cell(row: Mapping[str, Any], key: str) -> str:
+        """A figure, or a footnote mark when the command failed in every sample."""
+        if row.get(key) is None and row.get("errors"):
+            notes.append("; ".join(row["errors"]))
+            return f"failed [{len(notes)}]"
+        return _md(row.get(key))
+
     def row(label: str, block: Mapping[str, Any]) -> str:
         f, s, sc = block.get("freeze", {}), block.get("stop", {}), block.get("script", {})
         r = ratio(f.get("latency"), s.get("latency"))
         floor = f.get("floor") or s.get("floor")
         return (
-            f"| {label} | {_md(f.get('latency'))} | {_md(s.get('latency'))} | "
-            f"{_md(sc.get('latency'))} | {'n/a' if r is None else f'{r:.2f}'} | "
+            f"| {label} | {cell(f, 'latency')} | {cell(s, 'latency')} | "
+            f"{cell(sc, 'latency')} | {'n/a' if r is None else f'{r:.2f}'} | "
             f"{_md(f.get('lock_free'))} | {_md(sc.get('lock_free'))} | "
             f"{'n/a' if floor is None else f'{Stat.load(floor).median * 1e3:.2f}'} |"
         )
 
     if result.get("idle"):
-        out.append(row("idle, 1 raw disk", result["idle"]))
+        out.append(row("idle, 1 raw disk, 1 NIC", result["idle"]))
     scaling = result.get("scaling") or {}
     for fmt, rows in (scaling.get("disks") or {}).items():
         for n, block in rows.items():
-            out.append(row(f"idle, {n} {fmt} disk(s)", block))
+            out.append(row(f"scaling: {n} {fmt} disk{'s' if int(n) > 1 else ''}", block))
     for n, block in (scaling.get("nics") or {}).items():
-        out.append(row(f"idle, {n} NIC(s)", block))
+        out.append(row(f"scaling: {n} NIC{'s' if int(n) > 1 else ''}", block))
     for load, block in (result.get("load") or {}).items():
         out.append(row(f"under load: {load}", block))
+    if notes:
+        out += ["", *(f"[{i}] {text}" for i, text in enumerate(notes, 1))]
     mem = result.get("memory")
     if mem and mem.get("curve"):
-        out += ["", "| guest RAM | frozen: `freeze` | stock: `stop` + `dump-guest-memory` |",
-                "|---|---|---|"]  # fmt: skip
+        out += ["", "| guest RAM | frozen: `freeze` | stock: `dump-guest-memory` (after `stop`) "
+                "| client floor |", "|---|---|---|---|"]  # fmt: skip
         for mb, r in mem["curve"].items():
-            out.append(f"| {mb} MB | {_md(r['freeze'])} | {_md(r['dump'])} |")
+            floor = "n/a" if r.get("floor") is None else f"{Stat.load(r['floor']).median * 1e3:.2f}"
+            out.append(f"| {mb} MB | {_md(r['freeze'])} | {_md(r['dump'])} | {floor} |")
     fail = result.get("failover")
     if fail:
         out += ["", "| guest failure until a standby has the lock | `=freeze` | "
@@ -1117,7 +1132,7 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(16, 4.6))
     curve = (result.get("memory") or {}).get("curve") or {}
     if curve:
         sizes = [int(mb) for mb in curve]
@@ -1132,30 +1147,47 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
         left.set_yscale("log")
         left.legend()
     left.set_title("Keeping memory: freeze vs dump")
-    bars: dict[str, Stat] = {}
+    groups = [("idle", result.get("idle") or {}), *(result.get("load") or {}).items()]
+    groups = [(label, block) for label, block in groups if block]
     floors: list[float] = []
-    groups = [("idle", result.get("idle") or {})]
-    groups += list((result.get("load") or {}).items())
-    for label, block in groups:
-        for action in ("freeze", "stop", "script"):
+    width = 0.27
+    for k, action in enumerate(("freeze", "stop", "script")):
+        xs, stats = [], []
+        for g, (_, block) in enumerate(groups):
             row = block.get(action) or {}
             if row.get("latency") is not None:
-                bars[f"{label}\n{action}"] = Stat.load(row["latency"])
+                xs.append(g + (k - 1) * width)
+                stats.append(Stat.load(row["latency"]))
                 if row.get("floor") is not None:
                     floors.append(Stat.load(row["floor"]).median)
-    if bars:
-        stats = list(bars.values())
-        right.bar(range(len(bars)), [s.median * 1e3 for s in stats],
-                  yerr=[[(s.median - s.min) * 1e3 for s in stats],
-                        [(s.max - s.median) * 1e3 for s in stats]], capsize=3)  # fmt: skip
-        right.set_xticks(range(len(bars)), list(bars), fontsize=7)
+        if stats:
+            mid.bar(xs, [st.median * 1e3 for st in stats], width, label=_ACTION_TEXT[action],
+                    yerr=[[(st.median - st.min) * 1e3 for st in stats],
+                          [(st.max - st.median) * 1e3 for st in stats]], capsize=2)  # fmt: skip
+    if groups:
+        mid.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=8,
+                       rotation=20)  # fmt: skip
         if floors:
-            right.axhline(statistics.median(floors) * 1e3, color="grey", linestyle="--",
-                          label="client floor (query-status)")  # fmt: skip
-            right.legend()
-        right.set_yscale("log")
+            mid.axhline(statistics.median(floors) * 1e3, color="grey", linestyle="--",
+                        label="client floor (query-status)")  # fmt: skip
+        mid.set_yscale("log")
+        mid.legend(fontsize=7, loc="upper left")
+    mid.set_ylabel("milliseconds")
+    mid.set_title(f"Latency ({result['accel']}, median of {result['reps']})")
+    disks = (result.get("scaling") or {}).get("disks") or {}
+    for fmt, rows in disks.items():
+        counts = sorted(rows, key=int)
+        for action, style in (("freeze", "-o"), ("script", "--s")):
+            stats = [Stat.load(rows[n][action]["latency"]) for n in counts
+                     if (rows[n].get(action) or {}).get("latency") is not None]  # fmt: skip
+            if len(stats) == len(counts):
+                right.plot([int(n) for n in counts], [st.median * 1e3 for st in stats], style,
+                           label=f"{action} ({fmt})")  # fmt: skip
+    if disks:
+        right.set_xlabel("disks")
+        right.legend(fontsize=7)
     right.set_ylabel("milliseconds")
-    right.set_title(f"Latency ({result['accel']}, median of {result['reps']})")
+    right.set_title("Disk scaling: freeze vs stop+set_link+set-active")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -217,12 +217,13 @@ def test_readme_table_from_the_json(via_json: bool) -> None:
     header = next(i for i, line in enumerate(lines) if line.startswith("| state |"))
     assert lines[header + 1].startswith("|---|")
     rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| ")}
-    idle = rows["| idle, 1 raw disk"].split(" | ")
+    idle = rows["| idle, 1 raw disk, 1 NIC"].split(" | ")
     assert idle[1:5] == ["1.00 (1.00-1.00)", "1.00 (1.00-1.00)", "2.00 (2.00-2.00)", "1.00"]
     assert idle[-1] == "0.15 |"
-    assert rows["| idle, 24 raw disk(s)"].split(" | ")[2] == "n/a"  # no stop measured
+    assert rows["| scaling: 24 raw disks"].split(" | ")[2] == "n/a"  # no stop measured
+    assert "| scaling: 4 NICs |" in md
     assert "| under load: mirror | 300.0 (300.0-300.0) | 100.0 (100.0-100.0) |" in md
-    assert "| 8192 MB | 1.10 (1.10-1.10) | 5000 (5000-5000) |" in md
+    assert "| 8192 MB | 1.10 (1.10-1.10) | 5000 (5000-5000) | n/a |" in md
     assert "| panic | 3.00 (3.00-3.00) | 30.0 (30.0-30.0) |" in md
     assert "| freeze <= 1.2x stop, mirror | 3.00 | 1.20 | not met |" in md
     assert "| failover frozen <= stock (Pacemaker) | n/a | n/a | pending |" in md
@@ -466,3 +467,14 @@ def test_standby_times_out_when_the_lock_stays(tmp_path: Path) -> None:
                 sb.acquired(0.3)
     finally:
         os.close(fd)
+
+
+def test_readme_table_marks_a_command_that_always_failed() -> None:
+    result = _result()
+    backup = _block(9.0, 1.0, 1.0, 4.0)
+    backup["script"] = {"latency": None, "floor": _s(0.15), "lock_free": None,
+                        "errors": ["script: blockdev-set-active: GenericError: nope"]}  # fmt: skip
+    result["load"]["backup"] = backup
+    md = bench.readme_table(json.loads(json.dumps(bench._jsonable(result))))
+    assert "| under load: backup | 9.00 (9.00-9.00) | 1.00 (1.00-1.00) | failed [1] |" in md
+    assert "\n\n[1] script: blockdev-set-active: GenericError: nope" in md
