@@ -172,8 +172,8 @@ class Target:
         return {True: "met", False: "not met", None: "pending"}[self.met]
 
     def line(self) -> str:
-        value = "-" if self.value is None else f"{self.value:.2f}"
-        limit = "-" if self.limit is None else f"{self.limit:.2f}"
+        value = "-" if self.value is None else f"{self.value:.3f}"
+        limit = "-" if self.limit is None else f"{self.limit:.3f}"
         return f"{self.name:44s} {value:>7s} <= {limit:<6s} {self.verdict:8s} {self.detail}"
 
 
@@ -334,12 +334,15 @@ class LeanQMP:
         value, end = self.reply(name, cid, timeout)
         return end - start, value
 
-    def wait_event(self, name: str, timeout: float, after: float = 0.0) -> tuple[float, dict]:
-        """The first event `name` that arrived at or after `after`, and its arrival time."""
+    def wait_event(self, name: str | Sequence[str], timeout: float,
+                   after: float = 0.0) -> tuple[float, dict]:  # fmt: skip
+        """The first event `name` (or any of the names) that arrived at or
+        after `after`, and its arrival time."""
+        names = (name,) if isinstance(name, str) else tuple(name)
         deadline = time.monotonic() + timeout
         while True:
             for at, ev in self.events:
-                if ev.get("event") == name and at >= after:
+                if ev.get("event") in names and at >= after:
                     return at, ev
             msg = self._read(deadline)
             if "event" in msg:
@@ -600,9 +603,15 @@ class Bench:
         if action == "stop":
             cid, start = q.send("stop")
             return start, q.reply("stop", cid)[1] - start
-        if action == "script":
+        if action in ("script", "script-cancel"):
             cid, start = q.send("stop")
             q.reply("stop", cid)
+            if action == "script-cancel":
+                # What a stock client must do first for the inactivation to
+                # work (and not crash QEMU, under a mirror): end the job.
+                q.execute("block-job-cancel", {"device": "job0", "force": True})
+                q.wait_event(("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"), LOCK_TIMEOUT,
+                             after=start)  # fmt: skip
             for nic in nic_ids(box.layout):
                 q.execute("set_link", {"name": nic, "up": False})
             cid, _ = q.send("blockdev-set-active", {"active": False})
@@ -752,12 +761,10 @@ class Bench:
                     load_image=source if load != "writes" else None,
                     guest={"period_ms": 0} if load == "writes" else {},
                 )
-                out[load] = self.pair(
-                    f"load-{load}",
-                    (("frozen", "freeze"), ("stock", "stop"), ("stock", "script")),
-                    layout,
-                    load,
-                )
+                sides = [("frozen", "freeze"), ("stock", "stop"), ("stock", "script")]
+                if load in JOB_LOADS:
+                    sides.append(("stock", "script-cancel"))
+                out[load] = self.pair(f"load-{load}", sides, layout, load)
         finally:
             source.unlink()
         return out
@@ -975,7 +982,8 @@ def _lock(row: Mapping[str, Any]) -> str:
 
 
 _ACTION_TEXT = {"freeze": "freeze (frozen QEMU)", "stop": "stop (stock)",
-                "script": "stop+set_link+set-active (stock)"}  # fmt: skip
+                "script": "stop+set_link+set-active (stock)",
+                "script-cancel": "stop+job-cancel+link+inactive (stock)"}  # fmt: skip
 
 
 def _rows(title: str, block: Mapping[str, Any]) -> list[str]:
@@ -985,7 +993,7 @@ def _rows(title: str, block: Mapping[str, Any]) -> list[str]:
         if "mid_copy" in row:
             fracs = ", ".join("-" if f is None else f"{f:.2f}" for f in row["job_offset_frac"])
             extra = f"  mid-copy {row['mid_copy']}/{len(row['job_offset_frac'])} (at {fracs})"
-        lines.append(f"  {_ACTION_TEXT.get(action, action):34s}{_ms(row['latency'])}"
+        lines.append(f"  {_ACTION_TEXT.get(action, action):38s}{_ms(row['latency'])}"
                      f"{_floor_ms(row)}{_lock(row)}{extra}")  # fmt: skip
         for e in row.get("errors", []):
             lines.append(f"    error: {e}")
@@ -1059,33 +1067,40 @@ def readme_table(result: Mapping[str, Any]) -> str:
         f"Measured by `frozen bench` ({result['accel']}, {result['reps']} repetitions "
         "interleaved, one fresh VM each; median (min-max) in ms; each side on its own "
         "binary; the client floor is the same raw-socket client's `query-status` round trip "
-        "on the same VM).",
+        'on the same VM; "standby has the lock" is a second process blocked in a write-lock '
+        "wait on the image, on its own clock, from the moment the command was sent).",
         "",
         "| state | frozen: `freeze` | stock: `stop` | stock: `stop` + `set_link off` + "
         "`blockdev-set-active false` | freeze / stop | standby has the lock after freeze | "
         "after the script | client floor |",
         "|---|---|---|---|---|---|---|---|",
     ]
-
     notes: list[str] = []
 
-    def cell(row: Mapping[str, Any], key: str) -> str:
+    def cell(row: Mapping[str, Any] | None, key: str = "latency") -> str:
         """A figure, or a footnote mark when the command failed in every sample."""
+        row = row or {}
         if row.get(key) is None and row.get("errors"):
-            notes.append("; ".join(row["errors"]))
-            return f"failed [{len(notes)}]"
+            text = "; ".join(row["errors"])
+            if text not in notes:
+                notes.append(text)
+            return f"failed [{notes.index(text) + 1}]"
         return _md(row.get(key))
 
+    def floor_of(block: Mapping[str, Any]) -> str:
+        floors = [Stat.load(r["floor"]).median for r in block.values()
+                  if isinstance(r, Mapping) and r.get("floor") is not None]  # fmt: skip
+        return "n/a" if not floors else f"{statistics.median(floors) * 1e3:.2f}"
+
+    def freeze_over_stop(block: Mapping[str, Any]) -> str:
+        r = ratio(_get(block, "freeze", "latency"), _get(block, "stop", "latency"))
+        return "n/a" if r is None else f"{r:.2f}"
+
     def row(label: str, block: Mapping[str, Any]) -> str:
-        f, s, sc = block.get("freeze", {}), block.get("stop", {}), block.get("script", {})
-        r = ratio(f.get("latency"), s.get("latency"))
-        floor = f.get("floor") or s.get("floor")
-        return (
-            f"| {label} | {cell(f, 'latency')} | {cell(s, 'latency')} | "
-            f"{cell(sc, 'latency')} | {'n/a' if r is None else f'{r:.2f}'} | "
-            f"{_md(f.get('lock_free'))} | {_md(sc.get('lock_free'))} | "
-            f"{'n/a' if floor is None else f'{Stat.load(floor).median * 1e3:.2f}'} |"
-        )
+        f, s, sc = block.get("freeze"), block.get("stop"), block.get("script")
+        locks = f"{cell(f, 'lock_free')} | {cell(sc, 'lock_free')}"
+        return (f"| {label} | {cell(f)} | {cell(s)} | {cell(sc)} | {freeze_over_stop(block)} | "
+                f"{locks} | {floor_of(block)} |")  # fmt: skip
 
     if result.get("idle"):
         out.append(row("idle, 1 raw disk, 1 NIC", result["idle"]))
@@ -1095,8 +1110,30 @@ def readme_table(result: Mapping[str, Any]) -> str:
             out.append(row(f"scaling: {n} {fmt} disk{'s' if int(n) > 1 else ''}", block))
     for n, block in (scaling.get("nics") or {}).items():
         out.append(row(f"scaling: {n} NIC{'s' if int(n) > 1 else ''}", block))
-    for load, block in (result.get("load") or {}).items():
-        out.append(row(f"under load: {load}", block))
+    load = result.get("load") or {}
+    if load:
+        out += [
+            "",
+            f"Under load (jobs copy a {result.get('load_mb', '?')} MiB image; throttled mirror "
+            f'and backup at {result.get("speed_mb", "?")} MiB/s; "mid-copy" counts the '
+            "samples whose job was between 0 and 100 % when the command was sent):",
+            "",
+            "| state | frozen: `freeze` | stock: `stop` | stock: script | stock: script with "
+            "`block-job-cancel` first | freeze / stop | standby has the lock after freeze | "
+            "after the script | after the script with cancel | mid-copy | client floor |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, block in load.items():
+            f, sc, cc = block.get("freeze"), block.get("script"), block.get("script-cancel")
+            mids = [r for r in block.values() if isinstance(r, Mapping) and "mid_copy" in r]
+            taken = sum(len(r["job_offset_frac"]) for r in mids)
+            mid = f"{sum(r['mid_copy'] for r in mids)}/{taken}" if mids else "n/a"
+            out.append(
+                f"| {name} | {cell(f)} | {cell(block.get('stop'))} | {cell(sc)} | "
+                f"{cell(cc) if cc else 'n/a'} | {freeze_over_stop(block)} | "
+                f"{cell(f, 'lock_free')} | {cell(sc, 'lock_free')} | "
+                f"{cell(cc, 'lock_free') if cc else 'n/a'} | {mid} | {floor_of(block)} |"
+            )
     if notes:
         out += ["", *(f"[{i}] {text}" for i, text in enumerate(notes, 1))]
     mem = result.get("memory")
@@ -1120,8 +1157,8 @@ def readme_table(result: Mapping[str, Any]) -> str:
                 f"frozen {st['rss_kib_frozen']} KiB."]  # fmt: skip
     out += ["", "| target | value | limit | verdict |", "|---|---|---|---|"]
     for t in targets(result):
-        v = "n/a" if t.value is None else f"{t.value:.2f}"
-        lim = "n/a" if t.limit is None else f"{t.limit:.2f}"
+        v = "n/a" if t.value is None else f"{t.value:.3f}"
+        lim = "n/a" if t.limit is None else f"{t.limit:.3f}"
         out.append(f"| {t.name} | {v} | {lim} | {t.verdict} |")
     return "\n".join(out)
 
@@ -1150,13 +1187,13 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     groups = [("idle", result.get("idle") or {}), *(result.get("load") or {}).items()]
     groups = [(label, block) for label, block in groups if block]
     floors: list[float] = []
-    width = 0.27
-    for k, action in enumerate(("freeze", "stop", "script")):
+    width = 0.2
+    for k, action in enumerate(("freeze", "stop", "script", "script-cancel")):
         xs, stats = [], []
         for g, (_, block) in enumerate(groups):
             row = block.get(action) or {}
             if row.get("latency") is not None:
-                xs.append(g + (k - 1) * width)
+                xs.append(g + (k - 1.5) * width)
                 stats.append(Stat.load(row["latency"]))
                 if row.get("floor") is not None:
                     floors.append(Stat.load(row["floor"]).median)

@@ -112,6 +112,7 @@ def _block(freeze: float, stop: float | None, script: float, lock: float) -> dic
 def _result() -> dict[str, Any]:
     mirror = _block(300, 100, 120, 290)
     mirror["stop"].update(mid_copy=1, job_offset_frac=[0.4], attempts=1)
+    mirror["script-cancel"] = {"latency": _s(110), "floor": _s(0.15), "lock_free": _s(111)}
     return {
         "accel": "kvm",
         "reps": 1,
@@ -222,10 +223,14 @@ def test_readme_table_from_the_json(via_json: bool) -> None:
     assert idle[-1] == "0.15 |"
     assert rows["| scaling: 24 raw disks"].split(" | ")[2] == "n/a"  # no stop measured
     assert "| scaling: 4 NICs |" in md
-    assert "| under load: mirror | 300.0 (300.0-300.0) | 100.0 (100.0-100.0) |" in md
+    assert (
+        "| mirror | 300.0 (300.0-300.0) | 100.0 (100.0-100.0) | 120.0 (120.0-120.0) | "
+        "110.0 (110.0-110.0) | 3.00 | 290.0 (290.0-290.0) | 120.0 (120.0-120.0) | "
+        "111.0 (111.0-111.0) | 1/1 | 0.15 |" in md
+    )
     assert "| 8192 MB | 1.10 (1.10-1.10) | 5000 (5000-5000) | n/a |" in md
     assert "| panic | 3.00 (3.00-3.00) | 30.0 (30.0-30.0) |" in md
-    assert "| freeze <= 1.2x stop, mirror | 3.00 | 1.20 | not met |" in md
+    assert "| freeze <= 1.2x stop, mirror | 3.000 | 1.200 | not met |" in md
     assert "| failover frozen <= stock (Pacemaker) | n/a | n/a | pending |" in md
     # Every table row has as many cells as its header.
     for line in lines:
@@ -476,5 +481,9 @@ def test_readme_table_marks_a_command_that_always_failed() -> None:
                         "errors": ["script: blockdev-set-active: GenericError: nope"]}  # fmt: skip
     result["load"]["backup"] = backup
     md = bench.readme_table(json.loads(json.dumps(bench._jsonable(result))))
-    assert "| under load: backup | 9.00 (9.00-9.00) | 1.00 (1.00-1.00) | failed [1] |" in md
-    assert "\n\n[1] script: blockdev-set-active: GenericError: nope" in md
+    assert (
+        "| backup | 9.00 (9.00-9.00) | 1.00 (1.00-1.00) | failed [1] | n/a | 9.00 | "
+        "4.00 (4.00-4.00) | failed [1] | n/a | n/a | 0.15 |" in md
+    )
+    assert "\n\n[1] script: blockdev-set-active: GenericError: nope\n" in md
+    assert "[2]" not in md
