@@ -487,3 +487,16 @@ def test_readme_table_marks_a_command_that_always_failed() -> None:
     )
     assert "\n\n[1] script: blockdev-set-active: GenericError: nope\n" in md
     assert "[2]" not in md
+
+
+def test_add_pacemaker_fills_the_hook_and_the_target(tmp_path: Path) -> None:
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench._jsonable(_result())))
+    result = bench.add_pacemaker(path, [4.0, 5.0, 6.0], [9.0, 10.0], memory_kept=True)
+    assert bench.Stat.load(result["pacemaker"]["frozen"]).median == 5.0
+    assert _verdicts(result)["failover frozen <= stock (Pacemaker)"] == "met"
+    assert {t["name"]: t["met"] for t in result["targets"]}[
+        "failover frozen <= stock (Pacemaker)"
+    ] is True
+    md = (tmp_path / "README-table.md").read_text()
+    assert "| guest failure | 5000 (4000-6000) | 9500 (9000-10000) | True |" in md
