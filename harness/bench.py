@@ -968,6 +968,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _load(result: Mapping[str, Any]) -> str:
+    start, end = result.get("loadavg"), result.get("loadavg_end")
+    if start is None:
+        return "not recorded"
+    return f"{start:.1f} at the start, {end:.1f} at the end" if end is not None else f"{start:.1f}"
+
+
 def _ms(value: Stat | Mapping[str, Any] | None) -> str:
     return "-" if value is None else Stat.load(value).ms()
 
@@ -1012,6 +1019,7 @@ def table(result: Mapping[str, Any]) -> str:
         f"accelerator {result['accel']}, {result['reps']} repetitions interleaved, "
         "median [min-max]; floor = the same client's query-status round trip on that VM",
         f"stock QEMU {result.get('stock_prefix')}, frozen QEMU {result.get('frozen_prefix')}",
+        f"{result.get('cores', '?')} cores, load average {_load(result)}",
     ]
     if hf:
         lines.append(f"harness qemu.qmp client floor {_ms(hf).strip()} (not used for timing)")
@@ -1073,7 +1081,8 @@ def readme_table(result: Mapping[str, Any]) -> str:
         "interleaved, one fresh VM each; median (min-max) in ms; each side on its own "
         "binary; the client floor is the same raw-socket client's `query-status` round trip "
         'on the same VM; "standby has the lock" is a second process blocked in a write-lock '
-        "wait on the image, on its own clock, from the moment the command was sent).",
+        "wait on the image, on its own clock, from the moment the command was sent; "
+        f"{result.get('cores', '?')} cores, load average {_load(result)}).",
         "",
         "| state | frozen: `freeze` | stock: `stop` | stock: `stop` + `set_link off` + "
         "`blockdev-set-active false` | freeze / stop | standby has the lock after freeze | "
@@ -1259,6 +1268,7 @@ def run(stock: Path, frozen: Path, *, reps: int = 3,
         "frozen_prefix": str(frozen), "load_mb": load_mb, "speed_mb": speed_mb,
         "trace": list(trace), "strace": strace, "work": str(out_dir / "work"),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg": os.getloadavg()[0],
+        "cores": os.cpu_count(),
         # Failover under Pacemaker (time to the service's first write on node 2,
         # frozen agent against stock, memory kept) comes from the cluster work:
         # {"frozen": Stat, "stock": Stat, "memory_kept": bool}.
