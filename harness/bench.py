@@ -1029,9 +1029,9 @@ def table(result: Mapping[str, Any]) -> str:
     scaling = result.get("scaling") or {}
     for fmt, rows in (scaling.get("disks") or {}).items():
         for n, block in rows.items():
-            lines += _rows(f"{n} {fmt} disk(s):", block)
+            lines += _rows(f"scaling: {n} {fmt} disk{'s' if int(n) > 1 else ''}:", block)
     for n, block in (scaling.get("nics") or {}).items():
-        lines += _rows(f"{n} NIC(s):", block)
+        lines += _rows(f"scaling: {n} NIC{'s' if int(n) > 1 else ''}:", block)
     mem = result.get("memory")
     if mem and mem.get("curve"):
         lines += ["", "guest RAM   freeze (frozen)                dump-guest-memory (stock)"]
