@@ -652,6 +652,8 @@ class Bench:
                     out["mid_copy"] = 0 < done < total
                 try:
                     send, out["latency"] = self.act(box, action)
+                    # Wall clock of the send, to line up with QEMU's --trace timestamps
+                    out["send_wall"] = time.time() - (time.monotonic() - send)
                 except (LeanQMPError, OSError, TimeoutError) as e:
                     out["latency"], out["error"] = None, f"{action}: {e}"
                     with contextlib.suppress(VMTimeout):
