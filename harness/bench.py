@@ -194,41 +194,44 @@ def _get(d: Mapping[str, Any] | None, *keys: str) -> Any:
 def targets(result: Mapping[str, Any]) -> list[Target]:
     """The issue's targets from a result (live or loaded from JSON)."""
     out: list[Target] = []
+
+    def lat(block: Any, action: str) -> Any:
+        return _get(block, action, "latency")
+
     idle = result.get("idle")
     if idle:
-        out.append(Target("freeze <= 1.1x stop, idle",
-                          ratio(idle["freeze"]["latency"], idle["stop"]["latency"]), 1.1,
-                          "freeze / stop"))  # fmt: skip
-        lock = _get(idle, "freeze", "lock_free")
-        out.append(Target("lock free <= freeze, idle", ratio(lock, idle["freeze"]["latency"]),
-                          1.0, "standby has the lock / FROZEN"))  # fmt: skip
+        r = ratio(lat(idle, "freeze"), lat(idle, "stop"))
+        out.append(Target("freeze <= 1.1x stop, idle", r, 1.1, "freeze / stop"))
+        r = ratio(_get(idle, "freeze", "lock_free"), lat(idle, "freeze"))
+        out.append(Target("lock free <= freeze, idle", r, 1.0, "standby has the lock / FROZEN"))
     for load, row in (result.get("load") or {}).items():
-        out.append(Target(f"freeze <= 1.2x stop, {load}",
-                          ratio(row["freeze"]["latency"], row["stop"]["latency"]), 1.2,
-                          "freeze / stop"))  # fmt: skip
-        lock = _get(row, "freeze", "lock_free")
-        out.append(Target(f"lock free <= freeze, {load}", ratio(lock, row["freeze"]["latency"]),
-                          1.0, "standby has the lock / FROZEN"))  # fmt: skip
+        r = ratio(lat(row, "freeze"), lat(row, "stop"))
+        out.append(Target(f"freeze <= 1.2x stop, {load}", r, 1.2, "freeze / stop"))
+        r = ratio(_get(row, "freeze", "lock_free"), lat(row, "freeze"))
+        out.append(Target(f"lock free <= freeze, {load}", r, 1.0, "standby has the lock / FROZEN"))
     scaling = result.get("scaling") or {}
     for fmt, rows in (scaling.get("disks") or {}).items():
         counts = sorted(rows, key=int)
         if len(counts) < 2:
             continue
         lo, hi = rows[counts[0]], rows[counts[-1]]
-        f = ratio(hi["freeze"]["latency"], lo["freeze"]["latency"])
-        s = ratio(hi["script"]["latency"], lo["script"]["latency"])
-        out.append(Target(f"freeze({counts[-1]})/freeze({counts[0]}) <= script, {fmt}", f, s,
-                          "disk scaling ratio against the script's"))  # fmt: skip
-    mem = result.get("memory")
-    if mem and mem.get("curve"):
-        sizes = sorted(mem["curve"], key=int)
-        f = ratio(mem["curve"][sizes[-1]]["freeze"], mem["curve"][sizes[0]]["freeze"])
-        out.append(Target("freeze flat in RAM", f, FLAT_RAM_LIMIT,
-                          f"freeze({sizes[-1]} MB) / freeze({sizes[0]} MB)"))  # fmt: skip
+        f = ratio(lat(hi, "freeze"), lat(lo, "freeze"))
+        s = ratio(lat(hi, "script"), lat(lo, "script"))
+        name = f"freeze({counts[-1]})/freeze({counts[0]}) <= script, {fmt}"
+        out.append(Target(name, f, s, "disk scaling ratio against the script's"))
+    curve = (result.get("memory") or {}).get("curve")
+    if curve:
+        # Flat: the slowest size's median within FLAT_RAM_LIMIT of the fastest's.
+        medians = {mb: Stat.load(r["freeze"]).median for mb, r in curve.items()}
+        hi_mb = max(medians, key=medians.__getitem__)
+        lo_mb = min(medians, key=medians.__getitem__)
+        r = ratio(curve[hi_mb]["freeze"], curve[lo_mb]["freeze"])
+        detail = f"slowest freeze ({hi_mb} MB) / fastest ({lo_mb} MB)"
+        out.append(Target("freeze flat in RAM", r, FLAT_RAM_LIMIT, detail))
     pm = result.get("pacemaker")
-    out.append(Target("failover frozen <= stock (Pacemaker)",
-                      ratio(_get(pm, "frozen"), _get(pm, "stock")), 1.0 if pm else None,
-                      "cluster work; not measured here" if not pm else ""))  # fmt: skip
+    r = ratio(_get(pm, "frozen"), _get(pm, "stock"))
+    detail = "" if pm else "cluster work; not measured here"
+    out.append(Target("failover frozen <= stock (Pacemaker)", r, 1.0 if pm else None, detail))
     return out
 
 

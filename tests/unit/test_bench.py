@@ -500,3 +500,15 @@ def test_add_pacemaker_fills_the_hook_and_the_target(tmp_path: Path) -> None:
     ] is True
     md = (tmp_path / "README-table.md").read_text()
     assert "| guest failure | 5000 (4000-6000) | 9500 (9000-10000) | True |" in md
+
+
+def test_flat_in_ram_looks_at_every_size_and_partial_blocks_are_pending() -> None:
+    result = _result()
+    result["memory"]["curve"] = {512: {"freeze": _s(1.0)}, 2048: {"freeze": _s(3.0)},
+                                 8192: {"freeze": _s(1.1)}}  # fmt: skip
+    del result["idle"]["stop"]
+    targets = {t.name: t for t in bench.targets(result)}
+    assert targets["freeze flat in RAM"].value == pytest.approx(3.0)
+    assert targets["freeze flat in RAM"].verdict == "not met"
+    assert "2048 MB" in targets["freeze flat in RAM"].detail
+    assert targets["freeze <= 1.1x stop, idle"].verdict == "pending"
