@@ -1,47 +1,90 @@
-"""Benchmarks: freeze against the stock alternatives, side by side in one run.
+"""Benchmarks that measure QEMU, not the harness: freeze against stock, in one run.
 
-These machines are shared and noisy, so every figure is reported with its
-paired alternative measured in the same run (median, min, max over N
-repetitions), and as a ratio.  Nothing here is a pass/fail threshold.
+Method (what makes the figures QEMU's and not the client's or the machine's):
 
-1. freeze latency: QMP `freeze` until FROZEN arrives, against the stock
-   scripted equivalent (`stop`, `set_link off`, `blockdev-set-active false`),
-   and the time until the image lock is free, for both;
-2. flat in memory: freeze latency for growing guest RAM (really backed with
-   -mem-prealloc) against `dump-guest-memory`, today's way to keep memory;
-3. failure to failover-ready: guest panic / watchdog expiry until the image
-   lock is free, `-action ...=freeze` against `=pause` + a client's `quit`;
-4. steady state while frozen: QEMU CPU time over 10 s and RSS;
-5. builds: cold, warm (cache hit) and incremental build times.
+* each side runs on its own binary: the patched QEMU for ``freeze``, the stock
+  QEMU (same tree, same options, no series) for ``stop``, the scripted stock
+  equivalent and ``-action ...=pause``;
+* repetitions are interleaved (frozen, stock, frozen, stock ...), one fresh VM
+  per sample, so a load change on this shared machine hits both sides alike;
+  every figure is a median with its min-max over the repetitions;
+* the timed commands go through a lean raw-socket QMP client (``LeanQMP``) on
+  a second monitor of the VM; the same client's round trip of a no-op
+  (``query-status``) is measured on the same VM just before: the *client
+  floor*, printed beside every latency (and the harness's own qemu.qmp client
+  floor once, to show why it is not used for timing);
+* the lock figure comes from a real standby: a second process blocked in
+  ``F_OFD_SETLKW`` on the bytes a writer needs (``Standby``), verified blocked
+  in the kernel (``/proc/locks``) before the command is sent; it stamps the
+  moment it gets the lock on its own CLOCK_MONOTONIC.
+
+Sections: ``idle`` (freeze / stop / script, lock free), ``scaling`` (1, 8, 24
+disks raw and qcow2; 1 and 4 NICs), ``memory`` (freeze flat in RAM against
+``dump-guest-memory``), ``load`` (mirror throttled and unthrottled mid-copy, a
+running backup, the guest writing back to back), ``failover`` (guest panic /
+watchdog until a standby has the lock: ``=freeze`` against ``=pause`` +
+``quit``), ``steady`` (CPU and RSS while frozen, against a stopped stock
+QEMU), ``builds``.  Under a job the stock side is timed twice: the plain
+script, and the script with ``block-job-cancel`` first (the plain one fails
+with a backup running, and may crash stock QEMU with a mirror running).
+
+Failover under Pacemaker is measured by the cluster work: ``add_pacemaker()``
+puts its figures into a bench.json (``result["pacemaker"]``, ``None`` until
+then; its target is listed as pending).  Targets are printed next to the
+figures (met / not met); nothing here is a pass/fail test.  ``--trace`` and
+``--strace`` show where a command's time goes (and slow QEMU down).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
-import functools
 import json
 import os
+import select
+import shutil
+import signal
+import socket
 import statistics
 import struct
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness import build, checks, config, guest, patches
 from harness.progress import say
+from harness.vm import VMTimeout
 
 MEMORY_SIZES_MB = (512, 2048, 4096, 8192)
+DISK_COUNTS = (1, 8, 24)
+NIC_COUNTS = (1, 4)
+FORMATS = ("raw", "qcow2")
+LOAD_MB = 512
+MIRROR_SPEED_MB = 200  # the throttled mirror/backup, MiB/s
+LOADS = ("mirror-throttled", "mirror", "backup", "writes")
+JOB_LOADS = ("mirror-throttled", "mirror", "backup")
+MID_COPY_ATTEMPTS = 3
+SECTIONS = ("idle", "scaling", "memory", "load", "failover", "steady", "builds")
 LOCK_TIMEOUT = 30.0
-STEADY_WINDOW_S = 10.0
+STEADY_WINDOW_S = 60.0
+FLOOR_SAMPLES = 5
+GIL_SWITCH_S = 1e-4
+#: "Flat in RAM": freeze at the largest size within this factor of the smallest.
+FLAT_RAM_LIMIT = 1.2
 
 # QEMU's file-posix locks one byte per permission at 100 + bit ("I use it")
 # and 200 + bit ("others may not"); any lock there blocks a standby.
 _QEMU_LOCK_START, _QEMU_LOCK_LEN = 100, 200
-_F_OFD_GETLK = 36
+#: BLK_PERM_WRITE is bit 1: a writer that does not share writing (a standby
+#: QEMU with share-rw=off) needs byte 101 (nobody uses write) and byte 201
+#: (nobody refuses to share write) free.
+WRITE_LOCK_BYTES = (_QEMU_LOCK_START + 1, _QEMU_LOCK_START + 100 + 1)
+_F_OFD_GETLK, _F_OFD_SETLK, _F_OFD_SETLKW = 36, 37, 38
 _FLOCK = "hhxxxxqqixxxx"
 
 
@@ -50,21 +93,27 @@ def image_locked(image: Path) -> bool:
     fd = os.open(image, os.O_RDWR)
     try:
         query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _QEMU_LOCK_START,
-                            _QEMU_LOCK_LEN, 0)
+                            _QEMU_LOCK_LEN, 0)  # fmt: skip
         answer = fcntl.fcntl(fd, _F_OFD_GETLK, query)
-        return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+        return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
     finally:
         os.close(fd)
 
 
 def wait_unlocked(image: Path, since: float, timeout: float = LOCK_TIMEOUT) -> float:
-    """Seconds from `since` (monotonic) until the image lock is free."""
+    """Seconds from `since` (monotonic) until the image lock is free (1 ms poll).
+
+    Kept for quick checks; the benchmarks use ``Standby``.
+    """
     deadline = since + timeout
     while image_locked(image):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{image} still locked after {timeout} s")
         time.sleep(0.001)  # a 1 ms poll of a lock, not a wait for an event
     return time.monotonic() - since
+
+
+# -- statistics and verdicts ----------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -75,134 +124,765 @@ class Stat:
     n: int
 
     @classmethod
-    def of(cls, samples: list[float]) -> Stat:
+    def of(cls, samples: Sequence[float]) -> Stat:
         return cls(statistics.median(samples), min(samples), max(samples), len(samples))
+
+    @classmethod
+    def load(cls, value: Stat | Mapping[str, Any]) -> Stat:
+        """A Stat from itself or from its JSON form."""
+        if isinstance(value, Stat):
+            return value
+        return cls(float(value["median"]), float(value["min"]), float(value["max"]),
+                   int(value["n"]))  # fmt: skip
 
     def ms(self) -> str:
         return f"{self.median * 1e3:8.1f} ms [{self.min * 1e3:.1f}-{self.max * 1e3:.1f}]"
 
+    def md(self) -> str:
+        """Markdown cell: median (min-max), in ms with a precision that fits."""
+        digits = 2 if self.max < 0.01 else 1 if self.max < 1 else 0
+        return (f"{self.median * 1e3:.{digits}f} ({self.min * 1e3:.{digits}f}-"
+                f"{self.max * 1e3:.{digits}f})")  # fmt: skip
 
-def _repeat(reps: int, sample: Callable[[int], float]) -> Stat:
-    return Stat.of([sample(i) for i in range(reps)])
+
+def stat_or_none(samples: Sequence[float | None]) -> Stat | None:
+    vals = [s for s in samples if s is not None]
+    return Stat.of(vals) if vals else None
+
+
+def ratio(a: Stat | Mapping[str, Any] | None, b: Stat | Mapping[str, Any] | None) -> float | None:
+    """median(a) / median(b), None when either is missing or b is zero."""
+    if a is None or b is None:
+        return None
+    den = Stat.load(b).median
+    return Stat.load(a).median / den if den else None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the issue: `value` against `limit` (value <= limit is met)."""
+
+    name: str
+    value: float | None
+    limit: float | None
+    detail: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or self.limit is None:
+            return None
+        return self.value <= self.limit
+
+    @property
+    def verdict(self) -> str:
+        return {True: "met", False: "not met", None: "pending"}[self.met]
+
+    def line(self) -> str:
+        value = "-" if self.value is None else f"{self.value:.3f}"
+        limit = "-" if self.limit is None else f"{self.limit:.3f}"
+        return f"{self.name:44s} {value:>7s} <= {limit:<6s} {self.verdict:8s} {self.detail}"
+
+
+def _get(d: Mapping[str, Any] | None, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, Mapping) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def targets(result: Mapping[str, Any]) -> list[Target]:
+    """The issue's targets from a result (live or loaded from JSON)."""
+    out: list[Target] = []
+
+    def lat(block: Any, action: str) -> Any:
+        return _get(block, action, "latency")
+
+    idle = result.get("idle")
+    if idle:
+        r = ratio(lat(idle, "freeze"), lat(idle, "stop"))
+        out.append(Target("freeze <= 1.1x stop, idle", r, 1.1, "freeze / stop"))
+        r = ratio(_get(idle, "freeze", "lock_free"), lat(idle, "freeze"))
+        out.append(Target("lock free <= freeze, idle", r, 1.0, "standby has the lock / FROZEN"))
+    for load, row in (result.get("load") or {}).items():
+        r = ratio(lat(row, "freeze"), lat(row, "stop"))
+        out.append(Target(f"freeze <= 1.2x stop, {load}", r, 1.2, "freeze / stop"))
+        r = ratio(_get(row, "freeze", "lock_free"), lat(row, "freeze"))
+        out.append(Target(f"lock free <= freeze, {load}", r, 1.0, "standby has the lock / FROZEN"))
+    scaling = result.get("scaling") or {}
+    for fmt, rows in (scaling.get("disks") or {}).items():
+        counts = sorted(rows, key=int)
+        if len(counts) < 2:
+            continue
+        lo, hi = rows[counts[0]], rows[counts[-1]]
+        f = ratio(lat(hi, "freeze"), lat(lo, "freeze"))
+        s = ratio(lat(hi, "script"), lat(lo, "script"))
+        name = f"freeze({counts[-1]})/freeze({counts[0]}) <= script, {fmt}"
+        out.append(Target(name, f, s, "disk scaling ratio against the script's"))
+    curve = (result.get("memory") or {}).get("curve")
+    if curve:
+        # Flat: the slowest size's median within FLAT_RAM_LIMIT of the fastest's.
+        medians = {mb: Stat.load(r["freeze"]).median for mb, r in curve.items()}
+        hi_mb = max(medians, key=medians.__getitem__)
+        lo_mb = min(medians, key=medians.__getitem__)
+        r = ratio(curve[hi_mb]["freeze"], curve[lo_mb]["freeze"])
+        detail = f"slowest freeze ({hi_mb} MB) / fastest ({lo_mb} MB)"
+        out.append(Target("freeze flat in RAM", r, FLAT_RAM_LIMIT, detail))
+    pm = result.get("pacemaker")
+    r = ratio(_get(pm, "frozen"), _get(pm, "stock"))
+    detail = "" if pm else "cluster work; not measured here"
+    out.append(Target("failover frozen <= stock (Pacemaker)", r, 1.0 if pm else None, detail))
+    return out
+
+
+# -- a lean QMP client ------------------------------------------------------------
+
+
+class LeanQMPError(Exception):
+    """QMP answered with an error, or the connection failed."""
+
+    def __init__(self, command: str, error: Mapping[str, Any] | str):
+        text = error if isinstance(error, str) else f"{error.get('class')}: {error.get('desc')}"
+        super().__init__(f"{command}: {text}")
+        self.command = command
+        self.error = error
+
+
+class LeanQMP:
+    """A minimal blocking QMP client on a unix socket: one request at a time.
+
+    No threads, no asyncio, no logging on the timed path: a command is one
+    ``sendall`` and reads until the reply with its id; events read meanwhile
+    are kept with their arrival time (``time.monotonic()``).
+    """
+
+    def __init__(self, path: Path | str, timeout: float = 10.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._buf = b""
+        self._id = 0
+        #: (arrival monotonic time, event) in arrival order
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    self.sock.close()
+                    raise
+                time.sleep(0.01)
+        try:
+            self.greeting = self._read(deadline)
+            if "QMP" not in self.greeting:
+                raise LeanQMPError("greeting", f"not a QMP greeting: {self.greeting}")
+            self.execute("qmp_capabilities", timeout=timeout)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> LeanQMP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        """The next message (QEMU ends each with CRLF)."""
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no QMP message in time")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise LeanQMPError("read", "connection closed")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise LeanQMPError("read", f"not a QMP message: {line!r}")
+        return msg
+
+    def send(self, name: str, args: Mapping[str, Any] | None = None) -> tuple[int, float]:
+        """Send one command; returns its id and the monotonic time just before sending."""
+        self._id += 1
+        req: dict[str, Any] = {"execute": name, "id": self._id}
+        if args:
+            req["arguments"] = dict(args)
+        data = json.dumps(req).encode() + b"\n"
+        start = time.monotonic()
+        self.sock.sendall(data)
+        return self._id, start
+
+    def reply(self, name: str, cid: int, timeout: float = 30.0) -> tuple[Any, float]:
+        """Wait for the reply to `cid`; returns its value and its arrival time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self._read(deadline)
+            now = time.monotonic()
+            if "event" in msg:
+                self.events.append((now, msg))
+            elif msg.get("id") == cid:
+                if "error" in msg:
+                    raise LeanQMPError(name, msg["error"])
+                return msg.get("return"), now
+
+    def execute(self, name: str, args: Mapping[str, Any] | None = None,
+                timeout: float = 30.0) -> Any:  # fmt: skip
+        cid, _ = self.send(name, args)
+        return self.reply(name, cid, timeout)[0]
+
+    def timed(self, name: str, args: Mapping[str, Any] | None = None,
+              timeout: float = 30.0) -> tuple[float, Any]:  # fmt: skip
+        """Seconds from send to reply, and the reply."""
+        cid, start = self.send(name, args)
+        value, end = self.reply(name, cid, timeout)
+        return end - start, value
+
+    def wait_event(self, name: str | Sequence[str], timeout: float,
+                   after: float = 0.0) -> tuple[float, dict]:  # fmt: skip
+        """The first event `name` (or any of the names) that arrived at or
+        after `after`, and its arrival time."""
+        names = (name,) if isinstance(name, str) else tuple(name)
+        deadline = time.monotonic() + timeout
+        while True:
+            for at, ev in self.events:
+                if ev.get("event") in names and at >= after:
+                    return at, ev
+            msg = self._read(deadline)
+            if "event" in msg:
+                self.events.append((time.monotonic(), msg))
+
+    def floor(self, samples: int = FLOOR_SAMPLES) -> float:
+        """Median round trip of the no-op ``query-status``: this client's floor."""
+        return statistics.median(self.timed("query-status")[0] for _ in range(samples))
+
+
+def qmp2_args(path: Path) -> list[str]:
+    """A second QMP monitor (QEMU listens) for the lean client."""
+    return ["-chardev", f"socket,id=qmp2,path={path},server=on,wait=off",
+            "-mon", "chardev=qmp2,mode=control"]  # fmt: skip
+
+
+# -- a real standby ---------------------------------------------------------------
+
+_STANDBY = r"""
+import fcntl, os, struct, sys, time
+FMT, GETLK, SETLKW = "hhxxxxqqixxxx", 36, 38
+fd = os.open(sys.argv[1], os.O_RDWR)
+offsets = [int(a) for a in sys.argv[2:]]
+def req(kind, off):
+    return struct.pack(FMT, kind, os.SEEK_SET, off, 1, 0)
+held = [o for o in offsets
+        if struct.unpack(FMT, fcntl.fcntl(fd, GETLK, req(fcntl.F_WRLCK, o)))[0] != fcntl.F_UNLCK]
+print("held" if held else "free", flush=True)
+for o in offsets:
+    fcntl.fcntl(fd, SETLKW, req(fcntl.F_WRLCK, o))
+print("got %.9f" % time.clock_gettime(time.CLOCK_MONOTONIC), flush=True)
+sys.stdin.read()
+"""
+
+
+class StandbyError(Exception):
+    """The standby did not wait as it should (lock not held, not blocked, no lock)."""
+
+
+def lock_id(path: Path) -> str:
+    """How /proc/locks names the file: MAJ:MIN:INODE (major and minor in hex)."""
+    st = os.stat(path)
+    return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+
+
+def blocked_waiters(path: Path, locks_text: str | None = None) -> int:
+    """How many lock requests on `path` wait in the kernel (``->`` in /proc/locks)."""
+    text = Path("/proc/locks").read_text() if locks_text is None else locks_text
+    ident = lock_id(path)
+    return sum(1 for line in text.splitlines() if "->" in line and ident in line.split())
+
+
+class Standby:
+    """A second process blocked in a write-lock wait on `image`.
+
+    ``start()`` returns once the child found the lock held and is blocked in
+    the kernel on it; ``acquired()`` is the child's CLOCK_MONOTONIC when it
+    got the lock.  Ended by PID on close, also on failure.
+    """
+
+    def __init__(self, image: Path, offsets: Sequence[int] = WRITE_LOCK_BYTES):
+        self.image = image
+        self.offsets = tuple(offsets)
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Standby:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _line(self, timeout: float) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise StandbyError(f"standby silent for {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise StandbyError(f"standby exited (rc {self.proc.poll()})")
+        return line.strip()
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _STANDBY, str(self.image), *map(str, self.offsets)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        first = self._line(timeout)
+        if first != "held":
+            raise StandbyError(f"the lock on {self.image} was not held before the command")
+        deadline = time.monotonic() + timeout
+        while blocked_waiters(self.image) < 1:
+            if time.monotonic() > deadline:
+                raise StandbyError("standby not blocked in the kernel")
+            time.sleep(0.002)  # waiting for the child to enter F_OFD_SETLKW
+
+    def acquired(self, timeout: float = LOCK_TIMEOUT) -> float:
+        """The standby's CLOCK_MONOTONIC when it had the lock."""
+        line = self._line(timeout)
+        if not line.startswith("got "):
+            raise StandbyError(f"standby said {line!r}")
+        return float(line.split()[1])
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # by PID: the Popen we started
+            proc.wait(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# -- VMs for the benchmarks --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a benchmark VM has beyond the probe guest's own disk and NIC."""
+
+    disks: int = 1
+    fmt: str = "raw"
+    nics: int = 1
+    ram_mb: int | None = None
+    load_image: Path | None = None  # attached as node "load0" for the jobs
+    guest: Mapping[str, Any] = field(default_factory=dict)
+    actions: Mapping[str, str] = field(default_factory=dict)
+
+
+def layout_args(layout: Layout, workdir: Path, prefix: Path) -> list[str]:
+    """Extra disks (1 MiB, same format), NICs, RAM and the load disk of `layout`."""
+    args: list[str] = []
+    for i in range(1, layout.disks):
+        image = workdir / f"disk{i}.{layout.fmt}"
+        checks.create_image(prefix, image, layout.fmt)
+        node = {"driver": layout.fmt, "node-name": f"disk{i}",
+                "file": {"driver": "file", "filename": str(image)}}  # fmt: skip
+        args += ["-blockdev", json.dumps(node),
+                 "-device", f"virtio-blk-pci,drive=disk{i},id=vblk{i}"]  # fmt: skip
+    for i in range(1, layout.nics):
+        args += ["-netdev", f"user,id=net{i}",
+                 "-device", f"virtio-net-pci,netdev=net{i},id=nic{i},romfile="]  # fmt: skip
+    if layout.load_image is not None:
+        node = {"driver": "raw", "node-name": "load0",
+                "file": {"driver": "file", "filename": str(layout.load_image)}}  # fmt: skip
+        args += ["-blockdev", json.dumps(node),
+                 "-device", "virtio-blk-pci,drive=load0,id=vblkload"]  # fmt: skip
+    if layout.ram_mb is not None:
+        args += ["-m", str(layout.ram_mb), "-mem-prealloc"]
+    return args
+
+
+def nic_ids(layout: Layout) -> list[str]:
+    return [checks.NIC_ID, *(f"nic{i}" for i in range(1, layout.nics))]
+
+
+@dataclass
+class Box:
+    """One benchmark VM: the harness rig and the lean client on its second monitor."""
+
+    rig: checks.Rig
+    qmp: LeanQMP
+    layout: Layout
+    side: str
+
+
+def fill_image(path: Path, mb: int) -> None:
+    """A raw image of `mb` MiB of non-zero data (a job has to copy every byte)."""
+    block = bytes(range(256)) * 4096  # 1 MiB, no zero detection shortcut
+    with open(path, "wb") as f:
+        for i in range(mb):
+            f.write(block[i % 256 :] + block[: i % 256])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def job_progress(qmp: LeanQMP, job: str = "job0") -> tuple[int, int]:
+    for j in qmp.execute("query-block-jobs"):
+        if j.get("device") == job:
+            return int(j["offset"]), int(j["len"])
+    raise LeanQMPError("query-block-jobs", f"no job {job}")
+
+
+# -- the benchmarks -----------------------------------------------------------------
 
 
 @dataclass
 class Bench:
-    prefix: Path
+    stock: Path
+    frozen: Path
     workdir: Path
     reps: int
     accel: str
+    load_mb: int = LOAD_MB
+    speed_mb: int = MIRROR_SPEED_MB
+    steady_s: float = STEADY_WINDOW_S
+    #: QEMU trace event patterns (-trace enable=...), logged with timestamps
+    #: to each VM's qemu.log (the log backend) to see where a command's time goes
+    trace: Sequence[str] = ()
+    #: attach strace (STRACE_SYSCALLS, -tt -T) to QEMU just before each
+    #: command: a diagnostic that shows which syscalls a command waits for,
+    #: and slows those syscalls down; never for figures
+    strace: bool = False
+    #: the harness client's no-op round trip, one per VM (for the header only)
+    harness_floors: list[float] = field(default_factory=list)
+    _serial: int = 0
 
-    def rig(self, name: str, **kw: Any) -> AbstractContextManager[checks.Rig]:
-        return checks.probe_rig(self.prefix, self.workdir / name, accel=self.accel, **kw)
+    def prefix(self, side: str) -> Path:
+        return {"frozen": self.frozen, "stock": self.stock}[side]
 
-    # -- 1. freeze latency against the scripted stock equivalent -----------
+    @contextlib.contextmanager
+    def box(self, side: str, name: str, layout: Layout = Layout()) -> Iterator[Box]:
+        """Boot a probe VM on `side`'s binary with `layout`; always torn down."""
+        self._serial += 1
+        workdir = self.workdir / f"{self._serial:04d}-{side}-{name}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        sock_dir = Path(tempfile.mkdtemp(prefix="fzb-"))  # short: sun_path is 108 bytes
+        extra = [*layout_args(layout, workdir, self.prefix(side)), *qmp2_args(sock_dir / "q")]
+        for pattern in self.trace:
+            extra += ["-trace", f"enable={pattern}"]
+        if self.trace:
+            extra += ["-msg", "timestamp=on"]  # the log backend's pid@seconds prefix
+        timeout = 120.0 if layout.ram_mb and layout.ram_mb > 1024 else 30.0
+        try:
+            rig_cm = checks.probe_rig(
+                self.prefix(side), workdir, accel=self.accel, disk_format=layout.fmt,
+                extra_args=extra, actions=layout.actions, guest_options=dict(layout.guest),
+                first_record_timeout=timeout,
+            )  # fmt: skip
+            with rig_cm as rig, LeanQMP(sock_dir / "q") as qmp:
+                start = time.monotonic()
+                rig.vm.cmd("query-status")
+                self.harness_floors.append(time.monotonic() - start)
+                yield Box(rig, qmp, layout, side)
+        finally:
+            shutil.rmtree(sock_dir, ignore_errors=True)
+            for image in workdir.glob("*.raw"):
+                image.unlink()  # the large ones: targets of jobs
+            for image in workdir.glob("*.qcow2"):
+                image.unlink()
 
-    def freeze_once(self, i: int, extra: list[str] | None = None) -> tuple[float, float]:
-        with self.rig(f"freeze-{i}", extra_args=extra or []) as rig:
-            start = time.monotonic()
-            rig.vm.cmd("freeze")
-            rig.vm.event_wait("FROZEN", checks.FREEZE_EVENT_TIMEOUT)
-            latency = time.monotonic() - start
-            unlocked = wait_unlocked(rig.image, start)
-        return latency, unlocked
+    # -- the commands under test --------------------------------------------
 
-    def scripted_once(self, i: int) -> tuple[float, float]:
-        with self.rig(f"scripted-{i}") as rig:
-            start = time.monotonic()
-            rig.vm.cmd("stop")
-            rig.vm.cmd("set_link", {"name": checks.NIC_ID, "up": False})
-            rig.vm.cmd("blockdev-set-active", active=False)
-            latency = time.monotonic() - start
-            unlocked = wait_unlocked(rig.image, start)
-        return latency, unlocked
+    @staticmethod
+    def act(box: Box, action: str) -> tuple[float, float]:
+        """Run `action` with the lean client: (monotonic send time, seconds to done)."""
+        q = box.qmp
+        if action == "freeze":
+            cid, start = q.send("freeze")
+            q.reply("freeze", cid, checks.FREEZE_EVENT_TIMEOUT)
+            at, _ = q.wait_event("FROZEN", checks.FREEZE_EVENT_TIMEOUT, after=start)
+            return start, at - start
+        if action == "stop":
+            cid, start = q.send("stop")
+            return start, q.reply("stop", cid)[1] - start
+        if action in ("script", "script-cancel"):
+            cid, start = q.send("stop")
+            q.reply("stop", cid)
+            if action == "script-cancel":
+                # What a stock client must do first for the inactivation to
+                # work (and not crash QEMU, under a mirror): end the job.
+                q.execute("block-job-cancel", {"device": "job0", "force": True})
+                q.wait_event(("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"), LOCK_TIMEOUT,
+                             after=start)  # fmt: skip
+            for nic in nic_ids(box.layout):
+                q.execute("set_link", {"name": nic, "up": False})
+            cid, _ = q.send("blockdev-set-active", {"active": False})
+            return start, q.reply("blockdev-set-active", cid)[1] - start
+        raise ValueError(f"unknown action {action!r}")
 
-    def latency(self) -> dict[str, Any]:
-        frozen = [self.freeze_once(i) for i in range(self.reps)]
-        scripted = [self.scripted_once(i) for i in range(self.reps)]
-        out: dict[str, Any] = {
-            "freeze": Stat.of([f[0] for f in frozen]),
-            "scripted": Stat.of([s[0] for s in scripted]),
-            "freeze_lock_free": Stat.of([f[1] for f in frozen]),
-            "scripted_lock_free": Stat.of([s[1] for s in scripted]),
-        }
-        out["ratio_freeze_over_scripted"] = out["freeze"].median / out["scripted"].median
+    def sample(self, side: str, action: str, name: str, layout: Layout = Layout(),
+               load: str | None = None, standby: bool = True) -> dict[str, Any]:  # fmt: skip
+        """One fresh VM, one command: latency, client floor, lock free, job state.
+
+        Order: client floor, standby blocked on the lock (the VM holds it from
+        boot), load started, job offset checked, command sent at once.
+        """
+        out: dict[str, Any] = {"side": side, "action": action}
+        job = load in JOB_LOADS
+        with self.box(side, name, layout) as box:
+            out["floor"] = box.qmp.floor()
+            image = layout.load_image if job else box.rig.image
+            assert image is not None
+            with Standby(image) as sb, contextlib.ExitStack() as stack:
+                if standby:
+                    sb.start()
+                if load is not None:
+                    out.update(self.start_load(box, load))
+                if self.strace:
+                    stack.enter_context(
+                        strace_attached(box.rig.vm.pid, box.rig.workdir / "strace.log")
+                    )
+                if job:
+                    done, total = job_progress(box.qmp)
+                    out["job_offset_frac"] = done / total if total else None
+                    out["mid_copy"] = 0 < done < total
+                try:
+                    send, out["latency"] = self.act(box, action)
+                    # Wall clock of the send, to line up with QEMU's --trace timestamps
+                    out["send_wall"] = time.time() - (time.monotonic() - send)
+                except (LeanQMPError, OSError, TimeoutError) as e:
+                    out["latency"], out["error"] = None, f"{action}: {e}"
+                    with contextlib.suppress(VMTimeout):
+                        rc = box.rig.vm.wait_for_exit(2)
+                        out["error"] += f" (QEMU died, rc {rc}: "
+                        out["error"] += f"{_last_line(box.rig.vm.paths.qemu_log)})"
+                    return out
+                if standby:
+                    try:
+                        out["lock_free"] = sb.acquired(LOCK_TIMEOUT) - send
+                    except StandbyError as e:
+                        out["lock_free"], out["lock_error"] = None, str(e)
         return out
 
-    # -- 2. flat in memory, against dump-guest-memory -----------------------
+    def start_load(self, box: Box, load: str) -> dict[str, Any]:
+        q = box.qmp
+        if load == "writes":
+            last = box.rig.last_record()
+            box.rig.wait_record(last + 5, 10)
+            return {"records_before": box.rig.last_record()}
+        target = box.rig.workdir / "target.raw"
+        checks.create_image(self.prefix(box.side), target, "raw", self.load_mb << 20)
+        q.execute(
+            "blockdev-add",
+            {
+                "driver": "raw",
+                "node-name": "tgt0",
+                "file": {"driver": "file", "filename": str(target)},
+            },
+        )
+        args: dict[str, Any] = {"job-id": "job0", "device": "load0", "target": "tgt0",
+                                "sync": "full"}  # fmt: skip
+        if load in ("mirror-throttled", "backup"):
+            args["speed"] = self.speed_mb << 20
+        q.execute("blockdev-mirror" if load.startswith("mirror") else "blockdev-backup", args)
+        deadline = time.monotonic() + 10
+        while job_progress(q)[0] == 0:  # wait until the job has data in flight
+            if time.monotonic() > deadline:
+                raise LeanQMPError(load, "job made no progress in 10 s")
+            time.sleep(0.005)
+        return {"load": load}
 
-    def memory_once(self, mb: int, i: int) -> tuple[float, float]:
-        extra = ["-m", str(mb), "-mem-prealloc"]
-        with self.rig(f"mem-{mb}-{i}", extra_args=extra, first_record_timeout=120) as rig:
-            dump = rig.workdir / "dump.elf"
-            rig.vm.cmd("stop")
-            start = time.monotonic()
-            rig.vm.cmd("dump-guest-memory", paging=False, protocol=f"file:{dump}",
-                       timeout=600)
-            dumped = time.monotonic() - start
-            dump.unlink()
-            rig.vm.cmd("cont")
-            start = time.monotonic()
-            rig.vm.cmd("freeze")
-            rig.vm.event_wait("FROZEN", checks.FREEZE_EVENT_TIMEOUT)
-            frozen = time.monotonic() - start
-        return frozen, dumped
+    def pair(self, name: str, sides: Sequence[tuple[str, str]], layout: Layout = Layout(),
+             load: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Interleaved samples of (side, action) pairs; per action: latency, floor, lock.
 
-    def memory(self, sizes: tuple[int, ...]) -> dict[str, Any]:
-        curve = {}
+        A job sample whose job was not mid-copy when the command went is
+        taken again on a fresh VM (MID_COPY_ATTEMPTS in all), and kept, flagged,
+        if it never was.
+        """
+        runs: dict[str, list[dict[str, Any]]] = {action: [] for _, action in sides}
+        for i in range(self.reps):
+            for side, action in sides:
+                for attempt in range(1, MID_COPY_ATTEMPTS + 1):
+                    say(f"bench: {name} {action} ({side}) {i + 1}/{self.reps}")
+                    s = self.sample(side, action, f"{name}-{action}-{i}-{attempt}", layout,
+                                    load, standby=action != "stop")  # fmt: skip
+                    s["attempts"] = attempt
+                    if s.get("mid_copy", True):
+                        break
+                runs[action].append(s)
+        return {action: summarize(samples) for action, samples in runs.items()}
+
+    # -- sections ------------------------------------------------------------
+
+    def idle(self) -> dict[str, Any]:
+        return self.pair("idle", (("frozen", "freeze"), ("stock", "stop"), ("stock", "script")))
+
+    def scaling(self, disks: Sequence[int], nics: Sequence[int],
+                formats: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+        sides = (("frozen", "freeze"), ("stock", "script"))
+        out: dict[str, Any] = {"disks": {}, "nics": {}}
+        for fmt in formats:
+            out["disks"][fmt] = {n: self.pair(f"disks{n}-{fmt}", sides, Layout(disks=n, fmt=fmt))
+                                 for n in disks}  # fmt: skip
+        for n in nics:
+            out["nics"][n] = self.pair(f"nics{n}", sides, Layout(nics=n))
+        return out
+
+    def memory(self, sizes: Sequence[int]) -> dict[str, Any]:
+        """freeze (frozen) against stop + dump-guest-memory (stock), per RAM size."""
+        curve: dict[int, dict[str, Any]] = {}
         for mb in sizes:
-            say(f"bench: {mb} MB guest")
-            runs = [self.memory_once(mb, i) for i in range(self.reps)]
-            curve[mb] = {"freeze": Stat.of([r[0] for r in runs]),
-                         "dump": Stat.of([r[1] for r in runs])}
-        lo, hi = min(sizes), max(sizes)
-        mid = 4096 if 4096 in curve else hi
-        return {
-            "curve": curve,
-            "freeze_ratio_max_over_min": curve[hi]["freeze"].median / curve[lo]["freeze"].median,
-            "dump_over_freeze": curve[mid]["dump"].median / curve[mid]["freeze"].median,
-            "dump_over_freeze_mb": mid,
-        }
+            frozen: list[float] = []
+            dumped: list[float] = []
+            floors: list[float] = []
+            for i in range(self.reps):
+                say(f"bench: {mb} MB guest {i + 1}/{self.reps}")
+                with self.box("frozen", f"mem{mb}-{i}", Layout(ram_mb=mb)) as box:
+                    floors.append(box.qmp.floor())
+                    frozen.append(self.act(box, "freeze")[1])
+                with self.box("stock", f"dump{mb}-{i}", Layout(ram_mb=mb)) as box:
+                    floors.append(box.qmp.floor())
+                    box.qmp.execute("stop")
+                    dump = box.rig.workdir / "dump.elf"
+                    took, _ = box.qmp.timed("dump-guest-memory", {
+                        "paging": False, "protocol": f"file:{dump}"}, timeout=600)  # fmt: skip
+                    dumped.append(took)
+                    dump.unlink()
+            curve[mb] = {"freeze": Stat.of(frozen), "dump": Stat.of(dumped),
+                         "floor": Stat.of(floors)}  # fmt: skip
+        return {"curve": curve}
 
-    # -- 3. failure to failover-ready ---------------------------------------
+    def load(self, loads: Sequence[str]) -> dict[str, Any]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        source = self.workdir / "load-source.raw"
+        say(f"bench: writing a {self.load_mb} MiB source image for the jobs")
+        fill_image(source, self.load_mb)
+        out: dict[str, Any] = {}
+        try:
+            for load in loads:
+                layout = Layout(
+                    load_image=source if load != "writes" else None,
+                    guest={"period_ms": 0} if load == "writes" else {},
+                )
+                sides = [("frozen", "freeze"), ("stock", "stop"), ("stock", "script")]
+                if load in JOB_LOADS:
+                    sides.append(("stock", "script-cancel"))
+                out[load] = self.pair(f"load-{load}", sides, layout, load)
+        finally:
+            source.unlink()
+        return out
 
-    def failover_once(self, what: str, action: str, i: int) -> float:
+    def failover_once(self, side: str, what: str) -> float:
+        """Guest failure until a standby has the disk lock."""
         event = {"panic": "GUEST_PANICKED", "watchdog": "WATCHDOG"}[what]
         command = {"panic": guest.CMD_PANIC, "watchdog": guest.CMD_WATCHDOG}[what]
-        with self.rig(f"{what}-{action}-{i}", actions={what: action}) as rig:
-            rig.guest_command(command)
-            ev = rig.vm.event_wait(event, 30)
-            # Measured from the failure itself, as QEMU stamped its event.
+        action = "freeze" if side == "frozen" else "pause"
+        with self.box(side, f"{what}-{action}", Layout(actions={what: action})) as box, \
+                Standby(box.rig.image) as sb:  # fmt: skip
+            sb.start()
+            box.rig.guest_command(command)
+            _, ev = box.qmp.wait_event(event, 30)
+            # From the failure itself, as QEMU stamped its event (wall clock).
             stamp = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
             failed_at = time.monotonic() - (time.time() - stamp)
-            if action == "pause":
-                # The stock path: the client saw the event, now it quits QEMU.
-                rig.vm.shutdown()
-            return wait_unlocked(rig.image, failed_at)
+            if side == "stock":
+                with contextlib.suppress(LeanQMPError, OSError):
+                    box.qmp.execute("quit")  # the stock path: a client quits QEMU
+            return sb.acquired(LOCK_TIMEOUT) - failed_at
 
     def failover(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for what in ("panic", "watchdog"):
-            frozen = _repeat(self.reps, functools.partial(self.failover_once, what, "freeze"))
-            stock = _repeat(self.reps, functools.partial(self.failover_once, what, "pause"))
-            out[what] = {"freeze": frozen, "pause_then_quit": stock,
-                         "ratio_freeze_over_stock": frozen.median / stock.median}
+            runs: dict[str, list[float]] = {"frozen": [], "stock": []}
+            for i in range(self.reps):
+                for side in ("frozen", "stock"):
+                    say(f"bench: {what} -> lock ({side}) {i + 1}/{self.reps}")
+                    runs[side].append(self.failover_once(side, what))
+            out[what] = {"freeze": Stat.of(runs["frozen"]),
+                         "pause_then_quit": Stat.of(runs["stock"])}  # fmt: skip
         return out
 
-    # -- 4. steady state while frozen ---------------------------------------
-
     def steady(self) -> dict[str, Any]:
-        with self.rig("steady") as rig:
-            pid = rig.vm.pid
-            running_cpu = _cpu_over(pid, STEADY_WINDOW_S)
-            rss_before = _rss_kib(pid)
-            rig.vm.cmd("freeze")
-            rig.vm.event_wait("FROZEN", checks.FREEZE_EVENT_TIMEOUT)
-            frozen_cpu = _cpu_over(pid, STEADY_WINDOW_S)
-            rss_after = _rss_kib(pid)
-        return {"window_s": STEADY_WINDOW_S, "cpu_s_running": running_cpu,
-                "cpu_s_frozen": frozen_cpu, "rss_kib_before": rss_before,
-                "rss_kib_after": rss_after}
+        out: dict[str, Any] = {"window_s": self.steady_s}
+        with self.box("frozen", "steady") as box:
+            pid = box.rig.vm.pid
+            out["cpu_s_running"] = _cpu_over(pid, self.steady_s)
+            out["rss_kib_running"] = _rss_kib(pid)
+            self.act(box, "freeze")
+            out["cpu_s_frozen"] = _cpu_over(pid, self.steady_s)
+            out["rss_kib_frozen"] = _rss_kib(pid)
+        with self.box("stock", "steady") as box:
+            box.qmp.execute("stop")
+            out["cpu_s_stock_stopped"] = _cpu_over(box.rig.vm.pid, self.steady_s)
+            out["rss_kib_stock_stopped"] = _rss_kib(box.rig.vm.pid)
+        return out
+
+
+STRACE_SYSCALLS = "fdatasync,fsync,fcntl,close,pwrite64,pwritev,pwritev2,io_uring_enter"
+
+
+@contextlib.contextmanager
+def strace_attached(pid: int, out: Path, syscalls: str = STRACE_SYSCALLS) -> Iterator[None]:
+    """strace on every thread of `pid` for the duration; ended by its PID."""
+    proc = subprocess.Popen(
+        ["strace", "-f", "-tt", "-T", "-e", f"trace={syscalls}", "-o", str(out), "-p", str(pid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not _all_traced(pid, proc.pid):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"strace did not attach to {pid}")
+            time.sleep(0.01)  # waiting for ptrace to seize every thread
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # strace detaches and writes out
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _all_traced(pid: int, tracer: int) -> bool:
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in status.read_text().splitlines():
+                if line.startswith("TracerPid:") and int(line.split()[1]) != tracer:
+                    return False
+    return True
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return lines[-1] if lines else "no message"
+
+
+def summarize(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stats of one action's samples: latency, client floor, lock free, job state."""
+    out: dict[str, Any] = {
+        "latency": stat_or_none([s.get("latency") for s in samples]),
+        "floor": stat_or_none([s.get("floor") for s in samples]),
+        "lock_free": stat_or_none([s.get("lock_free") for s in samples]),
+    }
+    out["samples"] = [dict(s) for s in samples]  # the raw figures, in run order
+    errors = sorted({e for s in samples for e in (s.get("error"), s.get("lock_error")) if e})
+    if errors:
+        out["errors"] = errors
+    if any("mid_copy" in s for s in samples):
+        out["mid_copy"] = sum(bool(s.get("mid_copy")) for s in samples)
+        out["job_offset_frac"] = [s.get("job_offset_frac") for s in samples]
+        out["attempts"] = sum(int(s.get("attempts", 1)) for s in samples)
+    return out
 
 
 def _cpu_over(pid: int, window: float) -> float:
@@ -225,7 +905,7 @@ def _rss_kib(pid: int) -> int:
     return -1
 
 
-# -- 5. builds ----------------------------------------------------------------
+# -- builds ------------------------------------------------------------------------
 
 
 def builds() -> dict[str, Any]:
@@ -250,11 +930,18 @@ def _incremental_qemu() -> float | None:
     if not (tree / "build" / "build.ninja").exists():
         return None
     files: list[str] = []
-    for commit in subprocess.run(["git", "-C", str(tree), "rev-list", "fixups..HEAD"],
-                                 check=True, capture_output=True, text=True).stdout.split():
-        files = subprocess.run(["git", "-C", str(tree), "diff-tree", "--no-commit-id",
-                                "--name-only", "-r", commit],
-                               check=True, capture_output=True, text=True).stdout.split()
+    for commit in subprocess.run(
+        ["git", "-C", str(tree), "rev-list", "fixups..HEAD"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split():
+        files = subprocess.run(
+            ["git", "-C", str(tree), "diff-tree", "--no-commit-id", "--name-only", "-r", commit],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         if any(name.endswith((".c", ".h")) for name in files):
             break
     now = time.time()
@@ -262,121 +949,397 @@ def _incremental_qemu() -> float | None:
         if (tree / name).exists():
             os.utime(tree / name, (now, now))
     start = time.monotonic()
-    build.run_logged(["make", "-C", str(tree / "build"), f"-j{os.cpu_count() or 2}"],
-                     tree / "build" / "bench-incremental.log", build.build_env(tree),
-                     "incremental qemu build")
+    build.run_logged(
+        ["make", "-C", str(tree / "build"), f"-j{os.cpu_count() or 2}"],
+        tree / "build" / "bench-incremental.log",
+        build.build_env(tree),
+        "incremental qemu build",
+    )
     return time.monotonic() - start
 
 
-# -- report -------------------------------------------------------------------
+# -- report ------------------------------------------------------------------------
 
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Stat):
         return vars(value)
+    if isinstance(value, Target):
+        return {"name": value.name, "value": value.value, "limit": value.limit,
+                "met": value.met, "detail": value.detail}  # fmt: skip
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
     return value
 
 
-def table(result: dict[str, Any]) -> str:
-    lat, mem, fail, steady = (result[k] for k in ("latency", "memory", "failover", "steady"))
+def _load(result: Mapping[str, Any]) -> str:
+    start, end = result.get("loadavg"), result.get("loadavg_end")
+    if start is None:
+        return "not recorded"
+    return f"{start:.1f} at the start, {end:.1f} at the end" if end is not None else f"{start:.1f}"
+
+
+def _ms(value: Stat | Mapping[str, Any] | None) -> str:
+    return "-" if value is None else Stat.load(value).ms()
+
+
+def _md(value: Stat | Mapping[str, Any] | None) -> str:
+    return "n/a" if value is None else Stat.load(value).md()
+
+
+def _floor_ms(row: Mapping[str, Any]) -> str:
+    f = row.get("floor")
+    return "" if f is None else f"  floor {Stat.load(f).median * 1e3:.2f} ms"
+
+
+def _lock(row: Mapping[str, Any]) -> str:
+    lock = row.get("lock_free")
+    return "" if lock is None else f"  lock free {_ms(lock).strip()}"
+
+
+_ACTION_TEXT = {"freeze": "freeze (frozen QEMU)", "stop": "stop (stock)",
+                "script": "stop+set_link+set-active (stock)",
+                "script-cancel": "stop+job-cancel+link+inactive (stock)"}  # fmt: skip
+
+
+def _rows(title: str, block: Mapping[str, Any]) -> list[str]:
+    lines = [title]
+    for action, row in block.items():
+        extra = ""
+        if "mid_copy" in row:
+            fracs = ", ".join("-" if f is None else f"{f:.2f}" for f in row["job_offset_frac"])
+            extra = f"  mid-copy {row['mid_copy']}/{len(row['job_offset_frac'])} (at {fracs})"
+        lines.append(f"  {_ACTION_TEXT.get(action, action):38s}{_ms(row['latency'])}"
+                     f"{_floor_ms(row)}{_lock(row)}{extra}")  # fmt: skip
+        for e in row.get("errors", []):
+            lines.append(f"    error: {e}")
+    return lines
+
+
+def table(result: Mapping[str, Any]) -> str:
+    """The text report: every figure with its client floor, then the targets."""
+    hf = result.get("harness_floor")
     lines = [
-        f"accelerator {result['accel']}, {result['reps']} repetitions, median [min-max]",
-        "",
-        f"freeze (QMP -> FROZEN)              {lat['freeze'].ms()}",
-        f"stop + set_link + set-active        {lat['scripted'].ms()}",
-        f"  ratio freeze / scripted            {lat['ratio_freeze_over_scripted']:.2f}",
-        f"lock free after freeze              {lat['freeze_lock_free'].ms()}",
-        f"lock free after scripted            {lat['scripted_lock_free'].ms()}",
-        "",
-        "guest RAM   freeze                         dump-guest-memory",
+        f"accelerator {result['accel']}, {result['reps']} repetitions interleaved, "
+        "median [min-max]; floor = the same client's query-status round trip on that VM",
+        f"stock QEMU {result.get('stock_prefix')}, frozen QEMU {result.get('frozen_prefix')}",
+        f"{result.get('cores', '?')} cores, load average {_load(result)}",
     ]
-    for mb, row in mem["curve"].items():
-        lines.append(f"{mb:6d} MB {row['freeze'].ms()}   {row['dump'].ms()}")
-    lines += [
-        f"  freeze(max RAM) / freeze(min RAM)  {mem['freeze_ratio_max_over_min']:.2f}",
-        f"  dump / freeze at {mem['dump_over_freeze_mb']} MB"
-        f"{'':{18 - len(str(mem['dump_over_freeze_mb']))}}{mem['dump_over_freeze']:.1f}",
-        "",
-    ]
-    for what, row in fail.items():
-        lines.append(f"{what + ' -> lock free, freeze':36s}{row['freeze'].ms()}")
-        lines.append(f"{what + ' -> lock free, pause + quit':36s}{row['pause_then_quit'].ms()}")
-        lines.append(f"  ratio freeze / pause + quit       {row['ratio_freeze_over_stock']:.2f}")
-    lines += [
-        "",
-        f"QEMU CPU over {steady['window_s']:.0f} s: running {steady['cpu_s_running']:.2f} s, "
-        f"frozen {steady['cpu_s_frozen']:.2f} s",
-        f"QEMU RSS: before freeze {steady['rss_kib_before']} KiB, "
-        f"after {steady['rss_kib_after']} KiB",
-    ]
-    if "builds" in result:
+    if hf:
+        lines.append(f"harness qemu.qmp client floor {_ms(hf).strip()} (not used for timing)")
+    if result.get("idle"):
+        lines += ["", *_rows("idle, 1 raw disk, 1 NIC:", result["idle"])]
+    scaling = result.get("scaling") or {}
+    for fmt, rows in (scaling.get("disks") or {}).items():
+        for n, block in rows.items():
+            lines += _rows(f"scaling: {n} {fmt} disk{'s' if int(n) > 1 else ''}:", block)
+    for n, block in (scaling.get("nics") or {}).items():
+        lines += _rows(f"scaling: {n} NIC{'s' if int(n) > 1 else ''}:", block)
+    mem = result.get("memory")
+    if mem and mem.get("curve"):
+        lines += ["", "guest RAM   freeze (frozen)                dump-guest-memory (stock)"]
+        for mb, row in mem["curve"].items():
+            lines.append(f"{int(mb):6d} MB {_ms(row['freeze'])}   {_ms(row['dump'])}"
+                         f"{_floor_ms(row)}")  # fmt: skip
+    for load, block in (result.get("load") or {}).items():
+        lines += ["", *_rows(f"under load: {load}", block)]
+    fail = result.get("failover")
+    if fail:
+        lines.append("")
+        for what, row in fail.items():
+            lines.append(f"{what + ' -> standby has the lock, freeze':44s}{_ms(row['freeze'])}")
+            lines.append(f"{what + ' -> standby has the lock, pause + quit':44s}"
+                         f"{_ms(row['pause_then_quit'])}")  # fmt: skip
+    st = result.get("steady")
+    if st:
+        lines += [
+            "",
+            f"QEMU CPU over {st['window_s']:.0f} s: running {st['cpu_s_running']:.2f} s, "
+            f"frozen {st['cpu_s_frozen']:.2f} s, stock stopped {st['cpu_s_stock_stopped']:.2f} s",
+            f"QEMU RSS: running {st['rss_kib_running']} KiB, frozen {st['rss_kib_frozen']} KiB, "
+            f"stock stopped {st['rss_kib_stock_stopped']} KiB",
+        ]
+    if result.get("builds"):
         b = result["builds"]
         lines += ["", f"builds on {b['cores']} cores:"]
         for key in ("qemu-stock", "qemu-frozen", "libvirt-frozen"):
-            lines.append(f"  {key:15s} recorded build {b[key]['recorded_build_s']:7.0f} s, "
-                         f"warm run {b[key]['warm_run_s']:.1f} s")
+            lines.append(
+                f"  {key:15s} recorded build {b[key]['recorded_build_s']:7.0f} s, "
+                f"warm run {b[key]['warm_run_s']:.1f} s"
+            )
         if b.get("qemu_incremental_s") is not None:
-            lines.append(f"  qemu incremental after touching a patch that changes C: "
-                         f"{b['qemu_incremental_s']:.0f} s")
+            lines.append(
+                f"  qemu incremental after touching a patch that changes C: "
+                f"{b['qemu_incremental_s']:.0f} s"
+            )
+    for name, error in (result.get("errors") or {}).items():
+        lines += ["", f"section {name} failed: {error}"]
+    lines += ["", "targets (value <= limit):", *(t.line() for t in targets(result))]
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def readme_table(result: Mapping[str, Any]) -> str:
+    """The README's performance section (markdown), from a result or its JSON."""
+    out = [
+        f"Measured by `frozen bench` ({result['accel']}, {result['reps']} repetitions "
+        "interleaved, one fresh VM each; median (min-max) in ms; each side on its own "
+        "binary; the client floor is the same raw-socket client's `query-status` round trip "
+        'on the same VM; "standby has the lock" is a second process blocked in a write-lock '
+        "wait on the image, on its own clock, from the moment the command was sent; "
+        f"{result.get('cores', '?')} cores, load average {_load(result)}).",
+        "",
+        "| state | frozen: `freeze` | stock: `stop` | stock: `stop` + `set_link off` + "
+        "`blockdev-set-active false` | freeze / stop | standby has the lock after freeze | "
+        "after the script | client floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes: list[str] = []
+
+    def cell(row: Mapping[str, Any] | None, key: str = "latency") -> str:
+        """A figure, or a footnote mark when the command failed in every sample."""
+        row = row or {}
+        if row.get(key) is None and row.get("errors"):
+            text = "; ".join(row["errors"])
+            if text not in notes:
+                notes.append(text)
+            return f"failed [{notes.index(text) + 1}]"
+        return _md(row.get(key))
+
+    def floor_of(block: Mapping[str, Any]) -> str:
+        floors = [Stat.load(r["floor"]).median for r in block.values()
+                  if isinstance(r, Mapping) and r.get("floor") is not None]  # fmt: skip
+        return "n/a" if not floors else f"{statistics.median(floors) * 1e3:.2f}"
+
+    def freeze_over_stop(block: Mapping[str, Any]) -> str:
+        r = ratio(_get(block, "freeze", "latency"), _get(block, "stop", "latency"))
+        return "n/a" if r is None else f"{r:.2f}"
+
+    def row(label: str, block: Mapping[str, Any]) -> str:
+        f, s, sc = block.get("freeze"), block.get("stop"), block.get("script")
+        locks = f"{cell(f, 'lock_free')} | {cell(sc, 'lock_free')}"
+        return (f"| {label} | {cell(f)} | {cell(s)} | {cell(sc)} | {freeze_over_stop(block)} | "
+                f"{locks} | {floor_of(block)} |")  # fmt: skip
+
+    if result.get("idle"):
+        out.append(row("idle, 1 raw disk, 1 NIC", result["idle"]))
+    scaling = result.get("scaling") or {}
+    for fmt, rows in (scaling.get("disks") or {}).items():
+        for n, block in rows.items():
+            out.append(row(f"scaling: {n} {fmt} disk{'s' if int(n) > 1 else ''}", block))
+    for n, block in (scaling.get("nics") or {}).items():
+        out.append(row(f"scaling: {n} NIC{'s' if int(n) > 1 else ''}", block))
+    load = result.get("load") or {}
+    if load:
+        out += [
+            "",
+            f"Under load (jobs copy a {result.get('load_mb', '?')} MiB image; throttled mirror "
+            f'and backup at {result.get("speed_mb", "?")} MiB/s; "mid-copy" counts the '
+            "samples whose job was between 0 and 100 % when the command was sent):",
+            "",
+            "| state | frozen: `freeze` | stock: `stop` | stock: script | stock: script with "
+            "`block-job-cancel` first | freeze / stop | standby has the lock after freeze | "
+            "after the script | after the script with cancel | mid-copy | client floor |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, block in load.items():
+            f, sc, cc = block.get("freeze"), block.get("script"), block.get("script-cancel")
+            mids = [r for r in block.values() if isinstance(r, Mapping) and "mid_copy" in r]
+            taken = sum(len(r["job_offset_frac"]) for r in mids)
+            mid = f"{sum(r['mid_copy'] for r in mids)}/{taken}" if mids else "n/a"
+            out.append(
+                f"| {name} | {cell(f)} | {cell(block.get('stop'))} | {cell(sc)} | "
+                f"{cell(cc) if cc else 'n/a'} | {freeze_over_stop(block)} | "
+                f"{cell(f, 'lock_free')} | {cell(sc, 'lock_free')} | "
+                f"{cell(cc, 'lock_free') if cc else 'n/a'} | {mid} | {floor_of(block)} |"
+            )
+    if notes:
+        out += ["", *(f"[{i}] {text}" for i, text in enumerate(notes, 1))]
+    mem = result.get("memory")
+    if mem and mem.get("curve"):
+        out += ["", "| guest RAM | frozen: `freeze` | stock: `dump-guest-memory` (after `stop`) "
+                "| client floor |", "|---|---|---|---|"]  # fmt: skip
+        for mb, r in mem["curve"].items():
+            floor = "n/a" if r.get("floor") is None else f"{Stat.load(r['floor']).median * 1e3:.2f}"
+            out.append(f"| {mb} MB | {_md(r['freeze'])} | {_md(r['dump'])} | {floor} |")
+    fail = result.get("failover")
+    if fail:
+        out += ["", "| guest failure until a standby has the lock | `=freeze` | "
+                "stock `=pause` + `quit` |", "|---|---|---|"]  # fmt: skip
+        for what, r in fail.items():
+            out.append(f"| {what} | {_md(r['freeze'])} | {_md(r['pause_then_quit'])} |")
+    pm = result.get("pacemaker")
+    if pm:
+        out += ["", "| failover under Pacemaker: guest failure until the service's first write "
+                "on node 2 | frozen agent | stock agent | memory kept |", "|---|---|---|---|",
+                f"| {pm.get('what', 'failure')} | {_md(pm.get('frozen'))} | {_md(pm.get('stock'))} "
+                f"| {pm.get('memory_kept', 'n/a')} |"]  # fmt: skip
+    st = result.get("steady")
+    if st:
+        out += ["", f"Steady state over {st['window_s']:.0f} s: QEMU CPU running "
+                f"{st['cpu_s_running']:.2f} s, frozen {st['cpu_s_frozen']:.2f} s, stock stopped "
+                f"{st['cpu_s_stock_stopped']:.2f} s; RSS running {st['rss_kib_running']} KiB, "
+                f"frozen {st['rss_kib_frozen']} KiB."]  # fmt: skip
+    out += ["", "| target | value | limit | verdict |", "|---|---|---|---|"]
+    for t in targets(result):
+        v = "n/a" if t.value is None else f"{t.value:.3f}"
+        lim = "n/a" if t.limit is None else f"{t.limit:.3f}"
+        out.append(f"| {t.name} | {v} | {lim} | {t.verdict} |")
+    return "\n".join(out)
+
+
+def plot(result: Mapping[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    curve = result["memory"]["curve"]
-    sizes = [int(mb) for mb in curve]
-    for key, label in (("freeze", "freeze (QMP -> FROZEN)"), ("dump", "dump-guest-memory")):
-        med = [curve[mb][key].median for mb in curve]
-        lo = [curve[mb][key].median - curve[mb][key].min for mb in curve]
-        hi = [curve[mb][key].max - curve[mb][key].median for mb in curve]
-        left.errorbar(sizes, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
-    left.set_xlabel("guest RAM (MB)")
-    left.set_ylabel("seconds")
-    left.set_yscale("log")
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(16, 4.6))
+    curve = (result.get("memory") or {}).get("curve") or {}
+    if curve:
+        sizes = [int(mb) for mb in curve]
+        for key, label in (("freeze", "freeze (frozen)"), ("dump", "dump-guest-memory (stock)")):
+            stats = [Stat.load(curve[mb][key]) for mb in curve]
+            left.errorbar(sizes, [s.median for s in stats],
+                          yerr=[[s.median - s.min for s in stats],
+                                [s.max - s.median for s in stats]],
+                          marker="o", capsize=3, label=label)  # fmt: skip
+        left.set_xlabel("guest RAM (MB)")
+        left.set_ylabel("seconds")
+        left.set_yscale("log")
+        left.legend()
     left.set_title("Keeping memory: freeze vs dump")
-    left.legend()
-    lat, fail = result["latency"], result["failover"]
-    bars = {
-        "freeze": lat["freeze"], "stop+link+inactivate": lat["scripted"],
-        "panic->lock free\n(freeze)": fail["panic"]["freeze"],
-        "panic->lock free\n(pause+quit)": fail["panic"]["pause_then_quit"],
-    }
-    right.bar(range(len(bars)), [s.median * 1e3 for s in bars.values()],
-              yerr=[[(s.median - s.min) * 1e3 for s in bars.values()],
-                    [(s.max - s.median) * 1e3 for s in bars.values()]], capsize=3)
-    right.set_xticks(range(len(bars)), list(bars), fontsize=8)
+    groups = [("idle", result.get("idle") or {}), *(result.get("load") or {}).items()]
+    groups = [(label, block) for label, block in groups if block]
+    floors: list[float] = []
+    width = 0.2
+    for k, action in enumerate(("freeze", "stop", "script", "script-cancel")):
+        xs, stats = [], []
+        for g, (_, block) in enumerate(groups):
+            row = block.get(action) or {}
+            if row.get("latency") is not None:
+                xs.append(g + (k - 1.5) * width)
+                stats.append(Stat.load(row["latency"]))
+                if row.get("floor") is not None:
+                    floors.append(Stat.load(row["floor"]).median)
+        if stats:
+            mid.bar(xs, [st.median * 1e3 for st in stats], width, label=_ACTION_TEXT[action],
+                    yerr=[[(st.median - st.min) * 1e3 for st in stats],
+                          [(st.max - st.median) * 1e3 for st in stats]], capsize=2)  # fmt: skip
+    if groups:
+        mid.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=8,
+                       rotation=20)  # fmt: skip
+        if floors:
+            mid.axhline(statistics.median(floors) * 1e3, color="grey", linestyle="--",
+                        label="client floor (query-status)")  # fmt: skip
+        mid.set_yscale("log")
+        mid.legend(fontsize=7, loc="upper left")
+    mid.set_ylabel("milliseconds")
+    mid.set_title(f"Latency ({result['accel']}, median of {result['reps']})")
+    disks = (result.get("scaling") or {}).get("disks") or {}
+    for fmt, rows in disks.items():
+        counts = sorted(rows, key=int)
+        for action, style in (("freeze", "-o"), ("script", "--s")):
+            stats = [Stat.load(rows[n][action]["latency"]) for n in counts
+                     if (rows[n].get(action) or {}).get("latency") is not None]  # fmt: skip
+            if len(stats) == len(counts):
+                right.plot([int(n) for n in counts], [st.median * 1e3 for st in stats], style,
+                           label=f"{action} ({fmt})")  # fmt: skip
+    if disks:
+        right.set_xlabel("disks")
+        right.legend(fontsize=7)
     right.set_ylabel("milliseconds")
-    right.set_title(f"Latency ({result['accel']}, median of {result['reps']})")
+    right.set_title("Disk scaling: freeze vs stop+set_link+set-active")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run(prefix: Path, *, reps: int = 3, sizes: tuple[int, ...] = MEMORY_SIZES_MB,
-        with_builds: bool = True, out_dir: Path | None = None) -> tuple[dict[str, Any], Path]:
-    """Run every benchmark; returns the result and the directory written."""
+def run(stock: Path, frozen: Path, *, reps: int = 3,
+        sections: Sequence[str] = SECTIONS[:-1], sizes: Sequence[int] = MEMORY_SIZES_MB,
+        disks: Sequence[int] = DISK_COUNTS, nics: Sequence[int] = NIC_COUNTS,
+        formats: Sequence[str] = FORMATS, loads: Sequence[str] = LOADS,
+        load_mb: int = LOAD_MB, speed_mb: int = MIRROR_SPEED_MB,
+        steady_s: float = STEADY_WINDOW_S, trace: Sequence[str] = (), strace: bool = False,
+        out_dir: Path | None = None) -> tuple[dict[str, Any], Path]:  # fmt: skip
+    """Run the chosen sections; returns the result and the directory written."""
     out_dir = out_dir or config.cache_root() / "results" / time.strftime("bench-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(prefix, out_dir / "work", reps, checks.default_accel())
-    result: dict[str, Any] = {"accel": bench.accel, "reps": reps, "prefix": str(prefix)}
-    say("bench: freeze latency")
-    result["latency"] = bench.latency()
-    say("bench: memory curve")
-    result["memory"] = bench.memory(sizes)
-    say("bench: failure to failover-ready")
-    result["failover"] = bench.failover()
-    say("bench: steady state")
-    result["steady"] = bench.steady()
-    if with_builds:
-        say("bench: builds")
-        result["builds"] = builds()
+    bench = Bench(stock, frozen, out_dir / "work", reps, checks.default_accel(),
+                  load_mb=load_mb, speed_mb=speed_mb, steady_s=steady_s,
+                  trace=tuple(trace), strace=strace)  # fmt: skip
+    result: dict[str, Any] = {
+        "accel": bench.accel, "reps": reps, "stock_prefix": str(stock),
+        "frozen_prefix": str(frozen), "load_mb": load_mb, "speed_mb": speed_mb,
+        "trace": list(trace), "strace": strace, "work": str(out_dir / "work"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg": os.getloadavg()[0],
+        "cores": os.cpu_count(),
+        # Failover under Pacemaker (time to the service's first write on node 2,
+        # frozen agent against stock, memory kept) comes from the cluster work:
+        # {"frozen": Stat, "stock": Stat, "memory_kept": bool}.
+        "pacemaker": None,
+    }  # fmt: skip
+    steps: dict[str, Callable[[], Any]] = {
+        "idle": bench.idle,
+        "scaling": lambda: bench.scaling(disks, nics, formats),
+        "memory": lambda: bench.memory(sizes),
+        "load": lambda: bench.load(loads),
+        "failover": bench.failover,
+        "steady": bench.steady,
+        "builds": builds,
+    }
+    # The harness's qemu.qmp client runs on a thread of this process and gets
+    # every event too (STOP, FROZEN ...); a short switch interval bounds how
+    # long the timing thread can wait for the GIL when both wake at once.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_S)
+    try:
+        for name in SECTIONS:
+            if name in sections:
+                say(f"bench: {name}")
+                try:
+                    result[name] = steps[name]()
+                except Exception as e:  # one section's failure does not lose the others
+                    say(f"bench: {name} failed: {e!r}")
+                    result.setdefault("errors", {})[name] = repr(e)
+    finally:
+        sys.setswitchinterval(interval)
+    if bench.harness_floors:
+        result["harness_floor"] = Stat.of(bench.harness_floors)
+    result["loadavg_end"] = os.getloadavg()[0]
+    result["targets"] = targets(result)
     (out_dir / "bench.json").write_text(json.dumps(_jsonable(result), indent=1))
     plot(result, out_dir / "bench.png")
+    (out_dir / "README-table.md").write_text(readme_table(result) + "\n")
     return result, out_dir
+
+
+def add_pacemaker(
+    path: Path,
+    frozen: Sequence[float],
+    stock: Sequence[float],
+    *,
+    memory_kept: bool | None = None,
+    what: str = "guest failure",
+) -> dict[str, Any]:
+    """The hook for the cluster work: put its failover figures into a bench result.
+
+    `frozen` and `stock` are seconds from the guest's failure to the service's
+    first write on node 2, per repetition, with the frozen and the stock agent.
+    Rewrites bench.json (targets included) and README-table.md beside it.
+    """
+    result = load_result(path)
+    result["pacemaker"] = {"frozen": Stat.of(frozen), "stock": Stat.of(stock),
+                           "memory_kept": memory_kept, "what": what}  # fmt: skip
+    result["targets"] = targets(result)
+    path.write_text(json.dumps(_jsonable(result), indent=1))
+    (path.parent / "README-table.md").write_text(readme_table(load_result(path)) + "\n")
+    return load_result(path)
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a bench result")
+    return data

@@ -115,15 +115,34 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness import bench
 
-    installs = build_all(argparse.Namespace(**{**vars(args), "project": None}))
-    result, out_dir = bench.run(installs[("qemu", "frozen")].prefix, reps=args.reps,
-                                sizes=tuple(args.sizes), with_builds=not args.no_builds)
+    if args.table:
+        print(bench.readme_table(bench.load_result(args.table)))
+        return 0
+    if args.stock_prefix and args.frozen_prefix:
+        stock, frozen = args.stock_prefix, args.frozen_prefix
+    else:
+        # QEMU only: stock for stop/script/pause, patched for freeze.
+        installs = build_all(argparse.Namespace(**{**vars(args), "project": "qemu"}))
+        stock = args.stock_prefix or installs[("qemu", "stock")].prefix
+        frozen = args.frozen_prefix or installs[("qemu", "frozen")].prefix
+    sections = [s for s in args.sections if s != "builds" or not args.no_builds]
+    result, out_dir = bench.run(
+        stock, frozen, reps=args.reps, sections=sections, sizes=tuple(args.sizes),
+        disks=tuple(args.disks), nics=tuple(args.nics), formats=tuple(args.formats),
+        loads=tuple(args.loads), load_mb=args.load_mb, speed_mb=args.speed_mb,
+        steady_s=args.steady_s, trace=args.trace, strace=args.strace, out_dir=args.out,
+    )
     print(bench.table(result))
-    print(f"\nresults: {out_dir / 'bench.json'}\nplot:    {out_dir / 'bench.png'}")
+    print(f"\nresults: {out_dir / 'bench.json'}\nplot:    {out_dir / 'bench.png'}"
+          f"\nREADME:  {out_dir / 'README-table.md'}")
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
+    # Literal copies of bench.SECTIONS / bench.LOADS: the parser must not import
+    # bench (matplotlib etc.) for every command.
+    bench_sections = ["idle", "scaling", "memory", "load", "failover", "steady", "builds"]
+    bench_loads = ["mirror-throttled", "mirror", "backup", "writes"]
     top = argparse.ArgumentParser(prog="frozen", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="command", required=True)
@@ -157,8 +176,33 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("bench", help="benchmarks: freeze against the stock alternatives")
     p.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
+    p.add_argument("--sections", nargs="+", choices=bench_sections, default=bench_sections,
+                   metavar="SECTION", help=f"what to run (default all: {' '.join(bench_sections)})")
     p.add_argument("--sizes", type=int, nargs="+", metavar="MB",
                    default=[512, 2048, 4096, 8192], help="guest RAM sizes for the memory curve")
+    p.add_argument("--disks", type=int, nargs="+", default=[1, 8, 24], metavar="N",
+                   help="disk counts for the scaling section (default 1 8 24)")
+    p.add_argument("--nics", type=int, nargs="+", default=[1, 4], metavar="N",
+                   help="NIC counts for the scaling section (default 1 4)")
+    p.add_argument("--formats", nargs="+", choices=["raw", "qcow2"], default=["raw", "qcow2"])
+    p.add_argument("--loads", nargs="+", default=list(bench_loads), choices=bench_loads,
+                   metavar="LOAD", help=f"load states (default {' '.join(bench_loads)})")
+    p.add_argument("--load-mb", type=int, default=512, metavar="MIB",
+                   help="size of the image the mirror/backup jobs copy (default 512)")
+    p.add_argument("--speed-mb", type=int, default=200, metavar="MIB_S",
+                   help="speed limit of the throttled mirror and the backup (default 200)")
+    p.add_argument("--steady-s", type=float, default=60.0, metavar="S",
+                   help="window of the steady-state CPU measurement (default 60)")
+    p.add_argument("--stock-prefix", type=Path, help="stock QEMU install (default: build/cache)")
+    p.add_argument("--frozen-prefix", type=Path, help="frozen QEMU install (default: build/cache)")
+    p.add_argument("--out", type=Path, help="result directory (default: in the cache)")
+    p.add_argument("--trace", nargs="+", default=[], metavar="PATTERN",
+                   help="QEMU trace events to log in each VM's qemu.log (e.g. 'job_*')")
+    p.add_argument("--strace", action="store_true",
+                   help="diagnostic: strace QEMU's sync/lock/write syscalls around each command "
+                        "(slows them down: not for figures)")
+    p.add_argument("--table", type=Path, metavar="JSON",
+                   help="print the README table of a bench.json and exit")
     p.add_argument("--no-builds", action="store_true", help="skip the build timings")
     _add_build_args(p)
     p.set_defaults(func=cmd_bench)
