@@ -438,8 +438,9 @@ def run(
 ) -> list[Comparison]:
     """Every planned test on both sides, side by side, within `deadline`.
 
-    A side's result is remembered unless it is a frozen-side failure: a
-    regression is run again next time, never taken from the cache.
+    A side's result is remembered unless it is a frozen-side failure that
+    stock does not share: a regression is run again next time, never taken
+    from the cache, while a pre-existing failure is not run again.
     """
     for install in (stock, frozen):
         build.layout_firmware(
@@ -477,9 +478,12 @@ def run(
             assert stock_r is not None and frozen_r is not None
             if "stock" in futures:
                 _remember(stock, test, stock_r)
-            if "frozen" in futures and frozen_r.result != "fail":
+            verdict = compare(test, stock_r, frozen_r)
+            # A failure that stock shares is pre-existing and kept; one
+            # that is the series' doing always runs again.
+            if "frozen" in futures and (frozen_r.result != "fail" or verdict.ok):
                 _remember(frozen, test, frozen_r)
-            out.append(compare(test, stock_r, frozen_r))
+            out.append(verdict)
             progress.update(done)
     progress.finish()
     return out

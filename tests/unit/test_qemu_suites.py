@@ -102,23 +102,25 @@ def _fake(
 def test_run_caches_and_reruns_frozen_failures(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    tests = [SuiteTest("iotests-raw", "001"), SuiteTest("iotests-raw", "002")]
+    tests = [SuiteTest("iotests-raw", n) for n in ("001", "002", "003")]
     results = {
         ("stock", "001"): PASS,
         ("frozen", "001"): PASS,
         ("stock", "002"): PASS,
         ("frozen", "002"): FAIL,
+        ("stock", "003"): FAIL,
+        ("frozen", "003"): FAIL,
     }
     ran = _fake(monkeypatch, tmp_path, tests, results)
     stock, frozen = _install(tmp_path, "stock"), _install(tmp_path, "frozen")
     first = qemu_suites.run(stock, frozen)
-    assert [c.verdict for c in first] == ["pass", "regression"]
-    assert len(ran) == 4
+    assert [c.verdict for c in first] == ["pass", "regression", "pre-existing"]
+    assert len(ran) == 6
     ran.clear()
     second = qemu_suites.run(stock, frozen)
-    # only the frozen failure runs again: a regression never comes from the cache
+    # only the regression runs again; a failure stock shares is kept
     assert ran == [("frozen", "002")]
-    assert [c.verdict for c in second] == ["pass", "regression"]
+    assert [c.verdict for c in second] == ["pass", "regression", "pre-existing"]
     assert second[0].stock.cached and second[0].frozen.cached
 
 
