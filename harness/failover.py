@@ -1,0 +1,380 @@
+"""Failover scenarios on a harness.cluster cluster, and their table.
+
+A *service* is the probe guest as a libvirt domain whose disk lives on an
+ext4 image on shared storage, loop-mounted by a ``Filesystem`` resource
+grouped before the ``VirtualDomain`` resource (ordered and colocated, as
+real clusters do).  One domain XML on shared storage serves every node;
+the console socket and log it names are node-local (the node's /run), so
+each node's instance writes its own log.
+
+A scenario starts the group on node 1, makes the guest fail there (a
+panic through the console), and measures what the cluster makes of it:
+the failed monitor's rc, whether the failed node keeps the domain with the
+marker in memory, whether the group came up on node 2 with its guest
+writing to the same disk, and the seconds from the failure to the first
+record that guest completed on node 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from harness import checks, config, guest, libvirtd
+from harness.cluster import (
+    NODE_RUN,
+    Cluster,
+    ClusterError,
+    ClusterStatus,
+    Node,
+    group,
+    location,
+    primitive,
+)
+from harness.vm import qemu_tool, system_binary
+
+FS_SIZE = "16M"
+MONITOR_INTERVAL = "2s"
+START_TIMEOUT = "60s"
+STOP_TIMEOUT = "30s"
+FAILOVER_TIMEOUT = 180.0
+FIRST_RECORDS = 3
+POLL = 0.05
+
+
+@dataclass(frozen=True)
+class Service:
+    """A probe VM on a loop-mounted filesystem image, as the cluster sees it."""
+
+    name: str
+    fs_image: Path
+    mountpoint: Path
+    xml: Path
+    marker: str
+    console: Path  # node-local
+    console_log: Path  # node-local
+
+    @property
+    def disk(self) -> Path:
+        return self.mountpoint / "disk.raw"
+
+    @property
+    def group_id(self) -> str:
+        return f"g-{self.name}"
+
+    @property
+    def vm_id(self) -> str:
+        return f"vm-{self.name}"
+
+    @property
+    def fs_id(self) -> str:
+        return f"fs-{self.name}"
+
+
+def make_service(shared: Path, qemu_prefix: Path, name: str, **domain: object) -> Service:
+    """The fs image (holding a raw disk), the mount point and the domain XML.
+
+    The image is filled at mkfs time (``mkfs.ext4 -d``): nothing is mounted
+    on the host.
+    """
+    stage = shared / f".stage-{name}"
+    stage.mkdir(parents=True)
+    r = subprocess.run(
+        [
+            str(qemu_tool(qemu_prefix, "qemu-img")),
+            "create",
+            "-q",
+            "-f",
+            "raw",
+            str(stage / "disk.raw"),
+            str(libvirtd.DISK_SIZE),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        raise ClusterError(f"qemu-img create: {r.stderr.strip()}")
+    image = shared / f"fs-{name}.img"
+    r = subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-d", str(stage), str(image), FS_SIZE],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        raise ClusterError(f"mkfs.ext4 {image}: {r.stderr.strip()}")
+    (stage / "disk.raw").unlink()
+    stage.rmdir()
+    mountpoint = shared / f"mnt-{name}"
+    mountpoint.mkdir()
+    marker = secrets.token_hex(8)
+    images = guest.build_probe_images(config.cache_root() / "probe")
+    cfg = guest.ProbeConfig(marker=marker, use_net=False, watchdog="ib700")
+    console = Path(NODE_RUN) / f"{name}.sock"
+    console_log = Path(NODE_RUN) / f"{name}.log"
+    dom = libvirtd.ProbeDomain(
+        name=name, emulator=system_binary(qemu_prefix), image=images.bios,
+        cmdline=cfg.cmdline(), disk=mountpoint / "disk.raw", console=console,
+        console_log=console_log, network=False, **domain,  # type: ignore[arg-type]
+    )  # fmt: skip
+    xml = shared / f"{name}.xml"
+    xml.write_text(dom.xml())
+    return Service(name, image, mountpoint, xml, marker, console, console_log)
+
+
+def service_group(
+    svc: Service,
+    provider: str,
+    *,
+    vm_params: dict[str, str] | None = None,
+    meta: dict[str, str] | None = None,
+) -> str:
+    """The group ``Filesystem`` then ``VirtualDomain`` for ``svc``.
+
+    force_unmount=false: a filesystem still held by QEMU must fail the
+    stop (and show), not have its holder killed.
+    """
+    fs = primitive(
+        svc.fs_id,
+        "heartbeat",
+        "Filesystem",
+        {
+            "device": str(svc.fs_image),
+            "directory": str(svc.mountpoint),
+            "fstype": "ext4",
+            "options": "loop",
+            "force_unmount": "false",
+        },
+        [("monitor", "20s", "40s"), ("start", "0", "60s"), ("stop", "0", "60s")],
+    )
+    vm = primitive(
+        svc.vm_id,
+        provider,
+        "VirtualDomain",
+        {"config": str(svc.xml), **(vm_params or {})},
+        [
+            ("monitor", MONITOR_INTERVAL, "30s"),
+            ("start", "0", START_TIMEOUT),
+            ("stop", "0", STOP_TIMEOUT),
+        ],
+    )
+    return group(svc.group_id, fs, vm, meta=meta)
+
+
+# -- what the test looks at ------------------------------------------------------
+
+
+def console_records(node: Node, svc: Service) -> list[tuple[int, str]]:
+    """(record number, blk status) of every record line in the node's console log."""
+    try:
+        data = node.path(svc.console_log).read_bytes()
+    except FileNotFoundError:
+        return []
+    return [(int(m.group(1)), m.group(2).decode()) for m in libvirtd.RECORD_RX.finditer(data)]
+
+
+def wait_records(node: Node, svc: Service, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(console_records(node, svc)) < n:
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"{svc.name} on {node.name}: fewer than {n} records within {timeout:.0f} s"
+            )
+        time.sleep(POLL)
+
+
+def domstate(node: Node, name: str) -> str:
+    """``virsh domstate --reason`` on the node, "absent" without the domain."""
+    assert node.daemon is not None
+    r = node.daemon.virsh("domstate", "--reason", name, check=False)
+    if r.returncode == 0:
+        return r.stdout.strip()
+    if "failed to get domain" in r.stderr.lower():
+        return "absent"
+    return f"error: {r.stderr.strip()}"
+
+
+def qemu_pid(node: Node, name: str) -> int | None:
+    """QEMU's PID as the node sees it (in the node's PID namespace)."""
+    assert node.daemon is not None
+    with contextlib.suppress(OSError, ValueError):
+        return int((node.daemon.run.private("run") / "qemu" / f"{name}.pid").read_text())
+    return None
+
+
+def memory_has_marker(node: Node, svc: Service, workdir: Path) -> bool:
+    """The marker is in a memory-only core dump of the node's domain."""
+    assert node.daemon is not None
+    dump = workdir / f"{svc.name}-{node.name}-{time.monotonic_ns()}.core"
+    r = node.daemon.virsh("dump", "--memory-only", svc.name, str(dump), check=False)
+    try:
+        return r.returncode == 0 and guest.marker_tag(svc.marker) in dump.read_bytes()
+    except FileNotFoundError:
+        return False
+    finally:
+        dump.unlink(missing_ok=True)
+
+
+def mounted(node: Node, mountpoint: Path) -> bool:
+    """Is ``mountpoint`` mounted in the node's mount namespace?"""
+    assert node.init_pid is not None
+    mounts = Path(f"/proc/{node.init_pid}/mounts").read_text().split("\n")
+    return any(line.split(" ")[1:2] == [str(mountpoint)] for line in mounts if line)
+
+
+def disk_records(node: Node, svc: Service) -> int:
+    """Probe records with the service's marker on its disk, read through the
+    node's mount of the filesystem."""
+    try:
+        return len(checks.parse_records(node.path(svc.disk).read_bytes(), svc.marker))
+    except OSError:
+        return 0
+
+
+@dataclass(frozen=True)
+class FailoverResult:
+    """One row of the failover table."""
+
+    trigger: str
+    agent: str
+    on_crash: str
+    monitor_rc: int | None
+    failed_node_state: str
+    memory_kept: bool
+    same_qemu: bool
+    fs_released: bool
+    recovered_on: str | None
+    disk_opened_on_node2: bool
+    node2_records: int
+    failover_s: float | None
+    crm_mon_before: str
+    crm_mon_after: str
+
+    def row(self) -> dict[str, object]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("crm_mon")}
+
+
+def own_failures(st: ClusterStatus, svc: Service) -> bool:
+    """Has an operation of the service's resources failed?"""
+    return any(
+        f.get("op_key", "").startswith((f"{svc.vm_id}_", f"{svc.fs_id}_")) for f in st.failures
+    )
+
+
+def failed_monitor_rc(cl: Cluster, svc: Service, node: str) -> int | None:
+    for f in cl.status().failures:
+        if f.get("op_key", "").startswith(f"{svc.vm_id}_monitor_") and f.get("node") == node:
+            with contextlib.suppress(ValueError):
+                return int(f.get("exitcode", ""))
+    return None
+
+
+def run_failover(
+    cl: Cluster,
+    svc: Service,
+    provider: str,
+    *,
+    on_crash: str,
+    workdir: Path,
+    trigger: str = "panic",
+    timeout: float = FAILOVER_TIMEOUT,
+) -> FailoverResult:
+    """Start ``svc`` on node1 with the agent of ``provider``, fail its guest,
+    follow the recovery to node2 and measure it.  migration-threshold=1:
+    the first failure moves the group (same-node recovery is its own
+    scenario)."""
+    n1, n2 = cl.nodes[0], cl.nodes[1]
+    cl.cib_create("resources", service_group(svc, provider, meta={"migration-threshold": "1"}))
+    cl.cib_create("constraints", location(f"loc-{svc.name}", svc.group_id, n1.name, "100"))
+    cl.wait(
+        lambda s: s.started_on(svc.vm_id) == n1.name,
+        timeout,
+        f"{svc.vm_id} started on {n1.name}",
+        hopeless=lambda s: own_failures(s, svc),
+    )
+    wait_records(n1, svc, FIRST_RECORDS, 60)
+    before = cl.snapshot(f"{svc.name} ({provider}, on_crash={on_crash}): before the failure")
+    pid = qemu_pid(n1, svc.name)
+
+    if trigger != "panic":
+        raise ValueError(f"unknown trigger {trigger!r}")
+    with libvirtd.Console(n1.path(svc.console)) as con:
+        t0 = time.monotonic()
+        con.write(guest.CMD_PANIC)
+
+    # The first record the guest completes on node2 (its console line is
+    # printed once the record is on disk).
+    failover_s = None
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        if any(blk == "ok" for _, blk in console_records(n2, svc)):
+            failover_s = time.monotonic() - t0
+            break
+        time.sleep(POLL)
+    recovered_on = None
+    with contextlib.suppress(ClusterError):
+        st = cl.wait(lambda s: s.started_on(svc.vm_id) is not None, 30, f"{svc.vm_id} started")
+        recovered_on = st.started_on(svc.vm_id)
+    after = cl.snapshot(f"{svc.name} ({provider}, on_crash={on_crash}): after the failover")
+
+    state = domstate(n1, svc.name)
+    kept = state != "absent" and memory_has_marker(n1, svc, workdir)
+    records = [n for n, blk in console_records(n2, svc) if blk == "ok"]
+    return FailoverResult(
+        trigger=trigger, agent=provider, on_crash=on_crash,
+        monitor_rc=failed_monitor_rc(cl, svc, n1.name),
+        failed_node_state=state, memory_kept=kept,
+        same_qemu=pid is not None and qemu_pid(n1, svc.name) == pid
+        and n1.path(Path(f"/proc/{pid}")).exists(),
+        fs_released=not mounted(n1, svc.mountpoint),
+        recovered_on=recovered_on,
+        disk_opened_on_node2=recovered_on == n2.name and disk_records(n2, svc) > 0,
+        node2_records=len(records),
+        failover_s=None if failover_s is None else round(failover_s, 2),
+        crm_mon_before=before.text, crm_mon_after=after.text,
+    )  # fmt: skip
+
+
+def yes_no(v: bool) -> str:
+    return "yes" if v else "no"
+
+
+def table(results: list[FailoverResult]) -> str:
+    """The failover table: trigger x agent, what each kept and how fast."""
+    head = (
+        "trigger",
+        "agent",
+        "on_crash",
+        "monitor rc",
+        "node1 domain",
+        "memory kept",
+        "fs released",
+        "node2 serving",
+        "disk opened on node2",
+        "failover s",
+    )
+    rows = [head]
+    for r in results:
+        rows.append(
+            (
+                r.trigger,
+                r.agent,
+                r.on_crash,
+                str(r.monitor_rc),
+                r.failed_node_state,
+                yes_no(r.memory_kept),
+                yes_no(r.fs_released),
+                yes_no(r.recovered_on == "node2" and r.node2_records > 0),
+                yes_no(r.disk_opened_on_node2),
+                "-" if r.failover_s is None else f"{r.failover_s:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

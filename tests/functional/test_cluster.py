@@ -1,0 +1,152 @@
+"""A real Pacemaker/corosync cluster fails a frozen VM over.
+
+Two nodes on this host (harness.cluster: network, uts, ipc, mount and pid
+namespaces; one virtqemud of the patched libvirt per node; STONITH off).
+The service is a group: a Filesystem resource loop-mounting an ext4 image
+from shared storage, then the probe guest as a VirtualDomain resource whose
+disk is on that filesystem.  The guest panics on node 1; each row of the
+failover table is one agent x on_crash setting, all on the same cluster:
+
+* ``ocf:frozen:VirtualDomain`` (the series), on_crash=freeze: monitor rc 7,
+  the agent's stop keeps the frozen domain (same QEMU, marker in memory),
+  the Filesystem stop unmounts under the live frozen QEMU, the group starts
+  on node 2 and its guest writes to the same disk;
+* ``ocf:stock:VirtualDomain`` (the same release unpatched), on_crash=freeze:
+  the negative control of every check above -- monitor fails with a
+  generic error and stop destroys the domain: memory lost;
+* the stock agent with on_crash=preserve and on_crash=destroy on stock
+  QEMU: today's choices, both of which lose the memory.
+
+The table (failover seconds, memory kept, disk opened on node 2) and the
+``crm_mon`` text before and after each failover go to the test's results:
+``failover.json``, ``failover.txt``, ``cluster/crm_mon.txt``.
+
+Environment: FROZEN_LIBVIRT, FROZEN_QEMU, FROZEN_QEMU_STOCK.  Missing KVM,
+root, namespaces or Pacemaker fail the test: they are not a reason to skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from avocado import Test
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # running from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from frozen_test import require_prefix  # noqa: E402
+from test_resource_agent import prepared_tree  # noqa: E402
+
+from harness import cluster, failover  # noqa: E402
+
+#: (provider, on_crash, QEMU) of each row, in the order they run
+ROWS = (
+    ("frozen", "freeze", "FROZEN_QEMU"),
+    ("stock", "freeze", "FROZEN_QEMU"),
+    ("stock", "preserve", "FROZEN_QEMU_STOCK"),
+    ("stock", "destroy", "FROZEN_QEMU_STOCK"),
+)
+
+
+class ClusterTest(Test):
+    """Builds, KVM, both agents, a two-node cluster.
+
+    :avocado: disable
+    """
+
+    timeout = 1500
+
+    def setUp(self) -> None:
+        self.libvirt_prefix = require_prefix(self, "FROZEN_LIBVIRT", "patched libvirt")
+        self.qemu = {
+            v: require_prefix(self, v, what)
+            for v, what in (
+                ("FROZEN_QEMU", "patched QEMU"),
+                ("FROZEN_QEMU_STOCK", "unpatched QEMU"),
+            )
+        }
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            self.fail("/dev/kvm is missing or not accessible: the cluster tests need KVM")
+        why = cluster.cluster_supported()
+        if why:
+            self.fail(f"cannot run a cluster here: {why}")
+        self.work = Path(self.workdir)
+        self.agents = {v: prepared_tree(v).path / "heartbeat" for v in ("frozen", "stock")}
+        # Short: console sockets and QEMU's paths under it stay well below
+        # the 107-byte limit of a unix socket path.
+        self.shared = Path(tempfile.mkdtemp(prefix="frozen-cl-"))
+        self.addCleanup(shutil.rmtree, self.shared, True)
+
+    def cluster(self) -> cluster.Cluster:
+        return cluster.Cluster(
+            self.work / "cluster",
+            self.libvirt_prefix,
+            self.agents,
+            logdir=Path(self.logdir) / "cluster",
+        )
+
+
+class ClusterFailover(ClusterTest):
+    """:avocado: enable"""
+
+    def test_panic_failover_table(self) -> None:
+        results: list[failover.FailoverResult] = []
+        try:
+            with self.cluster() as cl:
+                cl.configure_defaults()
+                for i, (provider, on_crash, qemu) in enumerate(ROWS):
+                    svc = failover.make_service(
+                        self.shared,
+                        self.qemu[qemu],
+                        f"v{i}{provider[:2]}{on_crash[:2]}",
+                        on_crash=on_crash,
+                    )
+                    r = failover.run_failover(
+                        cl, svc, provider, on_crash=on_crash, workdir=self.work
+                    )
+                    results.append(r)
+                    self.log.info("%s", json.dumps(r.row()))
+                    self.log.info("crm_mon before:\n%s", r.crm_mon_before)
+                    self.log.info("crm_mon after:\n%s", r.crm_mon_after)
+        finally:
+            self._keep(results)
+        frozen, stock_freeze, preserve, destroy = results
+
+        # the series: rc 7, the frozen domain kept with its memory, storage
+        # handed over, the service on node 2 on the same disk
+        self.assertEqual(frozen.monitor_rc, 7, frozen.row())
+        self.assertEqual(frozen.failed_node_state, "frozen (panicked)")
+        self.assertTrue(frozen.memory_kept, "the frozen domain lost the marker")
+        self.assertTrue(frozen.same_qemu, "stop replaced or ended the frozen QEMU")
+        self.assertTrue(frozen.fs_released, "the filesystem stayed mounted on node1")
+        self.assertEqual(frozen.recovered_on, "node2")
+        self.assertTrue(frozen.disk_opened_on_node2, frozen.row())
+        self.assertIsNotNone(frozen.failover_s)
+
+        # negative control: the same checks go red with the stock agent
+        self.assertEqual(stock_freeze.monitor_rc, 1, stock_freeze.row())
+        self.assertFalse(stock_freeze.memory_kept, "stock agent kept a frozen domain")
+        self.assertEqual(stock_freeze.failed_node_state, "absent")
+
+        # today's choices: both lose the memory; the service still moves.
+        # on_crash=destroy: rc 7, or 1 when the monitor races libvirt
+        # removing the domain (stock misreads "domain not found: no domain
+        # with matching uuid" as an unknown status)
+        for r, rcs in ((preserve, (1,)), (destroy, (1, 7))):
+            self.assertIn(r.monitor_rc, rcs, r.row())
+            self.assertFalse(r.memory_kept, r.row())
+            self.assertEqual(r.recovered_on, "node2", r.row())
+            self.assertTrue(r.disk_opened_on_node2, r.row())
+
+    def _keep(self, results: list[failover.FailoverResult]) -> None:
+        logdir = Path(self.logdir)
+        (logdir / "failover.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
+        text = failover.table(results)
+        (logdir / "failover.txt").write_text(text + "\n")
+        self.log.info("failover table:\n%s", text)
