@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -396,6 +397,8 @@ elif cmd == "domstate":
     print(st if "--reason" in rest else st.split(" (")[0])
 elif cmd == "list":
     print("vm" if st else "")
+elif cmd == "create" and st is not None:
+    sys.exit(print("error: operation failed: domain 'vm' already exists", file=sys.stderr) or 1)
 elif cmd == "create":
     put("running (booted)")
     print("Domain 'vm' created")
@@ -409,10 +412,14 @@ elif cmd == "freeze":
         time.sleep(600)
     put("frozen (user)")
 elif cmd == "dump":
+    if os.path.exists(os.path.join(d, "dump-hangs")):
+        open(rest[-1], "w").write("partial")
+        time.sleep(600)
     with open(rest[-1], "w") as f:
         f.write("core of vm\n")
 elif cmd == "dominfo":
-    print("CPU(s):         1\nMax memory:     65536 KiB\nUsed memory:    65536 KiB")
+    kib = 1 << 40 if os.path.exists(os.path.join(d, "huge-memory")) else 65536
+    print(f"CPU(s):         1\nMax memory:     {kib} KiB\nUsed memory:    {kib} KiB")
 elif cmd == "dumpxml":
     print("<domain><name>vm</name></domain>")
 """
@@ -489,23 +496,29 @@ class ResourceAgentStandIn(Test):
         )
         env.update({f"OCF_RESKEY_{k}": v for k, v in params.items()})
         t0 = time.monotonic()
+        # Its own session: on a timeout the whole tree (a hung stand-in
+        # virsh included) is ended, not only the agent's shell.
+        proc = subprocess.Popen(
+            [str(self.agent), action],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
-            proc = subprocess.run(
-                [str(self.agent), action],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=run_timeout,
-            )
-        except subprocess.TimeoutExpired as e:
-            self.fail(f"{action} {params} still ran after {run_timeout:.0f} s: {e.stderr!r}")
+            out, err = proc.communicate(timeout=run_timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            self.fail(f"{action} {params} still ran after {run_timeout:.0f} s: {err!r}")
         took = time.monotonic() - t0
         self.log.info(
             "OCF stand-in %-10s %s rc=%d in %.1f s", action, params, proc.returncode, took
         )
-        for line in (proc.stdout + proc.stderr).splitlines():
+        for line in (out + err).splitlines():
             self.log.debug("    %s", line)
-        return Result(action, proc.returncode, proc.stdout + proc.stderr), took
+        return Result(action, proc.returncode, out + err), took
 
     def test_status_one_domstate_call(self) -> None:
         """A frozen domain's state and reason come from one virsh call."""
@@ -558,6 +571,76 @@ class ResourceAgentStandIn(Test):
         self.assertLess(took, timeout_ms / 1000)
         self.assertEqual(self.state(), "frozen (user)")
 
+    def dumps(self) -> list[Path]:
+        return sorted(self.dump_dir.glob("vm-frozen-*.core"))
+
+    @property
+    def dump_dir(self) -> Path:
+        d = self.work / "dumps"
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d
+
+    def test_dump_dir_checked_only_when_frozen(self) -> None:
+        """A missing (unmounted) dump dir does not fail a start with
+        nothing frozen; with a frozen domain it is a node-local error."""
+        missing = str(self.work / "not-mounted")
+        r, _ = self.ocf("start", frozen_dump_dir=missing)
+        self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+        self.set_state("frozen (panicked)")
+        r, _ = self.ocf("start", frozen_dump_dir=missing)
+        self.assertEqual(r.rc, OCF_ERR_INSTALLED, r.output)
+        self.assertEqual(self.state(), "frozen (panicked)")
+
+    def test_dump_dir_refuses_unsafe(self) -> None:
+        """Group/world-writable dirs, links and a full disk: no dump, the
+        frozen domain stays, start fails node-locally."""
+        shared = self.work / "shared"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        link = self.work / "link"
+        link.symlink_to(self.dump_dir)
+        for name, path in (("world-writable", shared), ("symlink", link)):
+            self.set_state("frozen (panicked)")
+            r, _ = self.ocf("start", frozen_dump_dir=str(path))
+            self.assertEqual(r.rc, OCF_ERR_INSTALLED, f"{name}: {r.output}")
+            self.assertEqual(self.state(), "frozen (panicked)", name)
+            self.assertEqual(list(path.iterdir()), [], f"{name}: a dump was written")
+        (self.standin / "huge-memory").touch()
+        r, _ = self.ocf("start", frozen_dump_dir=str(self.dump_dir))
+        self.assertEqual(r.rc, OCF_ERR_INSTALLED, r.output)
+        self.assertIn("free", r.output)
+        self.assertEqual(self.dumps(), [])
+
+    def test_dumps_unique_and_retained(self) -> None:
+        """Three replacements within seconds: three distinct files were
+        written, the newest two kept (frozen_dump_keep=2), none readable
+        by others."""
+        seen = set()
+        for _ in range(3):
+            self.set_state("frozen (panicked)")
+            r, _ = self.ocf("start", frozen_dump_dir=str(self.dump_dir), frozen_dump_keep="2")
+            self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+            self.assertEqual(self.state(), "running (booted)")
+            dumps = self.dumps()
+            seen.update(dumps)
+            for d in dumps:
+                self.assertEqual(d.stat().st_mode & 0o077, 0, f"{d} readable by others")
+        self.assertEqual(len(seen), 3, "dump file names are not unique")
+        self.assertEqual(len(self.dumps()), 2)
+
+    def test_dump_bounded_by_start_timeout(self) -> None:
+        """A dump that hangs ends within the start timeout; its partial
+        file is removed and the frozen domain kept."""
+        (self.standin / "dump-hangs").touch()
+        self.set_state("frozen (panicked)")
+        r, took = self.ocf(
+            "start", timeout_ms=12000, run_timeout=60, frozen_dump_dir=str(self.dump_dir)
+        )
+        self.assertEqual(r.rc, OCF_ERR_INSTALLED, r.output)
+        self.assertLess(took, 12.0)
+        self.assertEqual(self.dumps(), [])
+        self.assertEqual(self.state(), "frozen (panicked)")
+
 
 class ResourceAgentStandInStock(ResourceAgentStandIn):
     """Negative control: the unpatched agent fails the stand-in checks.
@@ -585,3 +668,24 @@ class ResourceAgentStandInStock(ResourceAgentStandIn):
         self.assertEqual(r.rc, OCF_SUCCESS, r.output)
         self.assertNotIn("freeze", [c[0] for c in self.calls()])
         self.assertIsNone(self.state())
+
+    def _stock_start_over_frozen(self, **params: str) -> None:
+        # stock knows no frozen_dump_dir: start over a frozen domain fails
+        # (generic error), no dump, whatever the directory
+        self.set_state("frozen (panicked)")
+        r, _ = self.ocf("start", **params)
+        self.assertEqual(r.rc, OCF_ERR_GENERIC, r.output)
+        self.assertNotIn("dump", [c[0] for c in self.calls()])
+
+    def test_dump_dir_checked_only_when_frozen(self) -> None:
+        self._stock_start_over_frozen(frozen_dump_dir=str(self.work / "not-mounted"))
+
+    def test_dump_dir_refuses_unsafe(self) -> None:
+        self._stock_start_over_frozen(frozen_dump_dir="/tmp")
+
+    def test_dumps_unique_and_retained(self) -> None:
+        self._stock_start_over_frozen(frozen_dump_dir=str(self.dump_dir))
+        self.assertEqual(self.dumps(), [])
+
+    def test_dump_bounded_by_start_timeout(self) -> None:
+        self._stock_start_over_frozen(frozen_dump_dir=str(self.dump_dir))
