@@ -18,13 +18,15 @@ record that guest completed on node 2.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import secrets
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness import checks, config, guest, libvirtd
+from harness import checks, config, guest, libvirtd, patches
 from harness.cluster import (
     NODE_RUN,
     Cluster,
@@ -35,6 +37,7 @@ from harness.cluster import (
     location,
     primitive,
 )
+from harness.progress import say
 from harness.vm import qemu_tool, system_binary
 
 FS_SIZE = "16M"
@@ -43,6 +46,9 @@ START_TIMEOUT = "60s"
 STOP_TIMEOUT = "30s"
 FAILOVER_TIMEOUT = 180.0
 FIRST_RECORDS = 3
+#: trigger -> the probe's console command; "watchdog" arms the ib700 and
+#: stops feeding it (it fires after the probe's wdt_timeout, 2 s)
+TRIGGERS = {"panic": guest.CMD_PANIC, "watchdog": guest.CMD_WATCHDOG}
 POLL = 0.05
 
 
@@ -299,11 +305,10 @@ def run_failover(
     before = cl.snapshot(f"{svc.name} ({provider}, on_crash={on_crash}): before the failure")
     pid = qemu_pid(n1, svc.name)
 
-    if trigger != "panic":
-        raise ValueError(f"unknown trigger {trigger!r}")
+    command = TRIGGERS[trigger]
     with libvirtd.Console(n1.path(svc.console)) as con:
         t0 = time.monotonic()
-        con.write(guest.CMD_PANIC)
+        con.write(command)
 
     # The first record the guest completes on node2 (its console line is
     # printed once the record is on disk).
@@ -347,7 +352,7 @@ def table(results: list[FailoverResult]) -> str:
     head = (
         "trigger",
         "agent",
-        "on_crash",
+        "action",
         "monitor rc",
         "node1 domain",
         "memory kept",
@@ -378,3 +383,168 @@ def table(results: list[FailoverResult]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SameNodeResult:
+    """Recovery with migration-threshold at its default (INFINITY):
+    Pacemaker first restarts the resource where it failed."""
+
+    agent: str
+    dump_dir: bool
+    monitor_rc: int | None
+    start_rc_node1: int | None  # a failed start's rc on node1, None if none failed
+    recovered_on: str | None
+    node1_state: str
+    frozen_memory_kept: bool  # the frozen domain on node1 still holds the marker
+    dump_has_marker: bool  # a dump in frozen_dump_dir holds the failed guest's last record
+    dumps: int
+    recovery_s: float | None  # failure -> first record of the new instance
+    crm_mon_before: str
+    crm_mon_after: str
+
+    def row(self) -> dict[str, object]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("crm_mon")}
+
+
+def failed_start_rc(cl: Cluster, svc: Service, node: str) -> int | None:
+    for f in cl.status().failures:
+        if f.get("op_key", "") == f"{svc.vm_id}_start_0" and f.get("node") == node:
+            with contextlib.suppress(ValueError):
+                return int(f.get("exitcode", ""))
+    return None
+
+
+def run_same_node(
+    cl: Cluster,
+    svc: Service,
+    provider: str,
+    *,
+    workdir: Path,
+    dump_dir: Path | None,
+    timeout: float = FAILOVER_TIMEOUT,
+) -> SameNodeResult:
+    """Panic ``svc``'s guest on node1 with on_crash=freeze and default
+    migration-threshold: with ``dump_dir`` the agent must dump, destroy and
+    restart on node1; without, fail start node-locally so the group moves."""
+    n1 = cl.nodes[0]
+    params = {"frozen_dump_dir": str(dump_dir)} if dump_dir else {}
+    cl.cib_create("resources", service_group(svc, provider, vm_params=params))
+    cl.cib_create("constraints", location(f"loc-{svc.name}", svc.group_id, n1.name, "100"))
+    cl.wait(
+        lambda s: s.started_on(svc.vm_id) == n1.name,
+        timeout,
+        f"{svc.vm_id} started on {n1.name}",
+        hopeless=lambda s: own_failures(s, svc),
+    )
+    wait_records(n1, svc, FIRST_RECORDS, 60)
+    label = f"{svc.name} ({provider}, same node, frozen_dump_dir={'set' if dump_dir else 'unset'})"
+    before = cl.snapshot(f"{label}: before the failure")
+    with libvirtd.Console(n1.path(svc.console)) as con:
+        last = console_records(n1, svc)[-1][0]
+        t0 = time.monotonic()
+        con.write(guest.CMD_PANIC)
+    # the frozen QEMU keeps its fd; a new instance on node1 makes a new log
+    log = n1.path(svc.console_log)
+    log.rename(log.with_suffix(".failed"))
+
+    recovery_s = None
+    while time.monotonic() < t0 + timeout:
+        if any(blk == "ok" for node in cl.nodes for _, blk in console_records(node, svc)):
+            recovery_s = time.monotonic() - t0
+            break
+        time.sleep(POLL)
+    recovered_on = None
+    with contextlib.suppress(ClusterError):
+        st = cl.wait(lambda s: s.started_on(svc.vm_id) is not None, 30, f"{svc.vm_id} started")
+        recovered_on = st.started_on(svc.vm_id)
+    after = cl.snapshot(f"{label}: after the recovery")
+
+    state = domstate(n1, svc.name)
+    frozen_kept = state.startswith("frozen") and memory_has_marker(n1, svc, workdir)
+    cores = sorted(dump_dir.glob(f"{svc.name}-frozen-*.core")) if dump_dir else []
+    tags = [guest.last_record_tag(svc.marker, n) for n in (last, last + 1)]
+    dump_ok = any(any(t in c.read_bytes() for t in tags) for c in cores)
+    return SameNodeResult(
+        agent=provider, dump_dir=dump_dir is not None,
+        monitor_rc=failed_monitor_rc(cl, svc, n1.name),
+        start_rc_node1=failed_start_rc(cl, svc, n1.name), recovered_on=recovered_on,
+        node1_state=state, frozen_memory_kept=frozen_kept, dump_has_marker=dump_ok,
+        dumps=len(cores), recovery_s=None if recovery_s is None else round(recovery_s, 2),
+        crm_mon_before=before.text, crm_mon_after=after.text,
+    )  # fmt: skip
+
+
+#: (trigger, provider, on_crash -- the watchdog's action for "watchdog" --,
+#: which QEMU) of each row of the failover table
+TABLE_ROWS = (
+    ("panic", "frozen", "freeze", "frozen"),
+    ("panic", "stock", "freeze", "frozen"),
+    ("panic", "stock", "preserve", "stock"),
+    ("panic", "stock", "destroy", "stock"),
+    ("watchdog", "frozen", "freeze", "frozen"),
+    ("watchdog", "stock", "freeze", "frozen"),
+)
+
+
+def agent_dirs() -> dict[str, Path]:
+    """The pinned resource-agents tree, with and without the series, as
+    OCF providers ``frozen`` and ``stock``."""
+    dirs = {}
+    for variant in ("frozen", "stock"):
+        lock = config.cache_root() / f".resource-agents-{variant}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # parallel tests prepare one tree once
+            dirs[variant] = patches.prepare("resource-agents", variant).path / "heartbeat"
+    return dirs
+
+
+def failover_table(
+    cl: Cluster, shared: Path, qemu: dict[str, Path], workdir: Path
+) -> Iterator[FailoverResult]:
+    """Every row of TABLE_ROWS on one cluster, in order."""
+    for i, (trigger, provider, action, build) in enumerate(TABLE_ROWS):
+        domain = {"on_crash": action} if trigger == "panic" else {"watchdog_action": action}
+        svc = make_service(shared, qemu[build], f"v{i}{provider[:2]}{action[:2]}", **domain)
+        yield run_failover(cl, svc, provider, on_crash=action, workdir=workdir, trigger=trigger)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.failover [WORKDIR]``: the failover table on
+    this machine, stock agent against frozen, from the cached builds (or
+    FROZEN_LIBVIRT, FROZEN_QEMU, FROZEN_QEMU_STOCK)."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+
+    args = sys.argv[1:] if argv is None else argv
+    from harness.build import install_prefix
+
+    libvirt = Path(os.environ.get("FROZEN_LIBVIRT", install_prefix("libvirt", "frozen")))
+    qemu = {
+        "frozen": Path(os.environ.get("FROZEN_QEMU", install_prefix("qemu", "frozen"))),
+        "stock": Path(os.environ.get("FROZEN_QEMU_STOCK", install_prefix("qemu", "stock"))),
+    }
+    workdir = Path(args[0]) if args else Path(tempfile.mkdtemp(prefix="frozen-verify-cluster-"))
+    shared = Path(tempfile.mkdtemp(prefix="frozen-cl-"))
+    results: list[FailoverResult] = []
+    try:
+        with Cluster(workdir / "cluster", libvirt, agent_dirs(), logdir=workdir / "logs") as cl:
+            cl.configure_defaults()
+            for r in failover_table(cl, shared, qemu, workdir):
+                results.append(r)
+                say(f"failover: {r.trigger}, {r.agent} agent, action {r.on_crash}: "
+                    f"{'-' if r.failover_s is None else r.failover_s} s")  # fmt: skip
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    print(table(results))
+    print(f"\ncrm_mon snapshots and logs: {workdir / 'logs'}")
+    frozen = results[0]
+    ok = frozen.memory_kept and frozen.disk_opened_on_node2 and frozen.monitor_rc == 7
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,8 +4,8 @@ Two nodes on this host (harness.cluster: network, uts, ipc, mount and pid
 namespaces; one virtqemud of the patched libvirt per node; STONITH off).
 The service is a group: a Filesystem resource loop-mounting an ext4 image
 from shared storage, then the probe guest as a VirtualDomain resource whose
-disk is on that filesystem.  The guest panics on node 1; each row of the
-failover table is one agent x on_crash setting, all on the same cluster:
+disk is on that filesystem.  The guest fails on node 1; each row of the
+failover table is one trigger x agent x action, all on the same cluster:
 
 * ``ocf:frozen:VirtualDomain`` (the series), on_crash=freeze: monitor rc 7,
   the agent's stop keeps the frozen domain (same QEMU, marker in memory),
@@ -16,6 +16,8 @@ failover table is one agent x on_crash setting, all on the same cluster:
   generic error and stop destroys the domain: memory lost;
 * the stock agent with on_crash=preserve and on_crash=destroy on stock
   QEMU: today's choices, both of which lose the memory.
+* a watchdog expiry with ``<watchdog action='freeze'/>``, frozen agent and
+  stock agent (negative control), the same checks as the panic.
 
 The table (failover seconds, memory kept, disk opened on node 2) and the
 ``crm_mon`` text before and after each failover go to the test's results:
@@ -41,17 +43,8 @@ if str(REPO) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from frozen_test import require_prefix  # noqa: E402
-from test_resource_agent import prepared_tree  # noqa: E402
 
 from harness import cluster, failover  # noqa: E402
-
-#: (provider, on_crash, QEMU) of each row, in the order they run
-ROWS = (
-    ("frozen", "freeze", "FROZEN_QEMU"),
-    ("stock", "freeze", "FROZEN_QEMU"),
-    ("stock", "preserve", "FROZEN_QEMU_STOCK"),
-    ("stock", "destroy", "FROZEN_QEMU_STOCK"),
-)
 
 
 class ClusterTest(Test):
@@ -77,7 +70,7 @@ class ClusterTest(Test):
         if why:
             self.fail(f"cannot run a cluster here: {why}")
         self.work = Path(self.workdir)
-        self.agents = {v: prepared_tree(v).path / "heartbeat" for v in ("frozen", "stock")}
+        self.agents = failover.agent_dirs()
         # Short: console sockets and QEMU's paths under it stay well below
         # the 107-byte limit of a unix socket path.
         self.shared = Path(tempfile.mkdtemp(prefix="frozen-cl-"))
@@ -100,23 +93,15 @@ class ClusterFailover(ClusterTest):
         try:
             with self.cluster() as cl:
                 cl.configure_defaults()
-                for i, (provider, on_crash, qemu) in enumerate(ROWS):
-                    svc = failover.make_service(
-                        self.shared,
-                        self.qemu[qemu],
-                        f"v{i}{provider[:2]}{on_crash[:2]}",
-                        on_crash=on_crash,
-                    )
-                    r = failover.run_failover(
-                        cl, svc, provider, on_crash=on_crash, workdir=self.work
-                    )
+                qemu = {"frozen": self.qemu["FROZEN_QEMU"], "stock": self.qemu["FROZEN_QEMU_STOCK"]}
+                for r in failover.failover_table(cl, self.shared, qemu, self.work):
                     results.append(r)
                     self.log.info("%s", json.dumps(r.row()))
                     self.log.info("crm_mon before:\n%s", r.crm_mon_before)
                     self.log.info("crm_mon after:\n%s", r.crm_mon_after)
         finally:
             self._keep(results)
-        frozen, stock_freeze, preserve, destroy = results
+        frozen, stock_freeze, preserve, destroy, wdt, wdt_stock = results
 
         # the series: rc 7, the frozen domain kept with its memory, storage
         # handed over, the service on node 2 on the same disk
@@ -128,6 +113,13 @@ class ClusterFailover(ClusterTest):
         self.assertEqual(frozen.recovered_on, "node2")
         self.assertTrue(frozen.disk_opened_on_node2, frozen.row())
         self.assertIsNotNone(frozen.failover_s)
+
+        # the watchdog: the same promises, reason "watchdog"
+        self.assertEqual(wdt.monitor_rc, 7, wdt.row())
+        self.assertEqual(wdt.failed_node_state, "frozen (watchdog)")
+        self.assertTrue(wdt.memory_kept and wdt.same_qemu and wdt.fs_released, wdt.row())
+        self.assertTrue(wdt.disk_opened_on_node2, wdt.row())
+        self.assertFalse(wdt_stock.memory_kept, wdt_stock.row())
 
         # negative control: the same checks go red with the stock agent
         self.assertEqual(stock_freeze.monitor_rc, 1, stock_freeze.row())
@@ -143,6 +135,56 @@ class ClusterFailover(ClusterTest):
             self.assertFalse(r.memory_kept, r.row())
             self.assertEqual(r.recovered_on, "node2", r.row())
             self.assertTrue(r.disk_opened_on_node2, r.row())
+
+    def test_same_node_recovery(self) -> None:
+        """migration-threshold at its default: Pacemaker restarts where the
+        guest failed.  With frozen_dump_dir the agent dumps, destroys and
+        restarts on node1; without it start fails with OCF_ERR_INSTALLED
+        and the group moves to node2, the frozen domain kept; the stock
+        agent (negative control) restarts on node1 and loses the memory."""
+        dumps = self.work / "dumps"
+        dumps.mkdir(mode=0o700)
+        rows = (("frozen", dumps), ("frozen", None), ("stock", dumps))
+        results: list[failover.SameNodeResult] = []
+        try:
+            with self.cluster() as cl:
+                cl.configure_defaults()
+                for i, (provider, dump_dir) in enumerate(rows):
+                    svc = failover.make_service(
+                        self.shared, self.qemu["FROZEN_QEMU"], f"s{i}{provider[:2]}",
+                        on_crash="freeze",
+                    )  # fmt: skip
+                    r = failover.run_same_node(
+                        cl, svc, provider, workdir=self.work, dump_dir=dump_dir
+                    )
+                    results.append(r)
+                    self.log.info("%s", json.dumps(r.row()))
+                    self.log.info("crm_mon before:\n%s", r.crm_mon_before)
+                    self.log.info("crm_mon after:\n%s", r.crm_mon_after)
+        finally:
+            (Path(self.logdir) / "same-node.json").write_text(
+                json.dumps([r.__dict__ for r in results], indent=1)
+            )
+        with_dir, without_dir, stock = results
+
+        self.assertEqual(with_dir.monitor_rc, 7, with_dir.row())
+        self.assertEqual(with_dir.recovered_on, "node1", with_dir.row())
+        self.assertIsNone(with_dir.start_rc_node1, with_dir.row())
+        self.assertTrue(with_dir.node1_state.startswith("running"), with_dir.row())
+        self.assertEqual(with_dir.dumps, 1, with_dir.row())
+        self.assertTrue(with_dir.dump_has_marker, "the dump lacks the failed guest's memory")
+        self.assertIsNotNone(with_dir.recovery_s)
+
+        self.assertEqual(without_dir.monitor_rc, 7, without_dir.row())
+        self.assertEqual(without_dir.start_rc_node1, 5, without_dir.row())
+        self.assertEqual(without_dir.recovered_on, "node2", without_dir.row())
+        self.assertEqual(without_dir.node1_state, "frozen (panicked)")
+        self.assertTrue(without_dir.frozen_memory_kept, without_dir.row())
+
+        # negative control: the stock agent restarts here, memory gone
+        self.assertEqual(stock.monitor_rc, 1, stock.row())
+        self.assertFalse(stock.frozen_memory_kept, stock.row())
+        self.assertFalse(stock.dump_has_marker, stock.row())
 
     def _keep(self, results: list[failover.FailoverResult]) -> None:
         logdir = Path(self.logdir)

@@ -99,7 +99,7 @@ def test_table() -> None:
         failover_s=2.7, crm_mon_before="", crm_mon_after="",
     )  # fmt: skip
     lines = failover.table([row]).splitlines()
-    assert lines[0].split()[:3] == ["trigger", "agent", "on_crash"]
+    assert lines[0].split()[:3] == ["trigger", "agent", "action"]
     assert set(lines[1]) <= {"-", " "}
     assert lines[2].split() == ["panic", "frozen", "freeze", "7", "frozen", "(panicked)",
                                 "yes", "yes", "yes", "yes", "2.7"]  # fmt: skip
