@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import re
 import secrets
 import subprocess
 import time
@@ -271,10 +272,19 @@ def own_failures(st: ClusterStatus, svc: Service) -> bool:
 
 
 def failed_monitor_rc(cl: Cluster, svc: Service, node: str) -> int | None:
-    for f in cl.status().failures:
-        if f.get("op_key", "").startswith(f"{svc.vm_id}_monitor_") and f.get("node") == node:
-            with contextlib.suppress(ValueError):
-                return int(f.get("exitcode", ""))
+    """The rc of the first failed recurring monitor of the VM on ``node``.
+
+    From the node's Pacemaker log: crm_mon keeps only the last failure of
+    a resource on a node, and a failed start that follows replaces it.
+    """
+    log = cl.node(node).root / "log-pacemaker" / "pacemaker.log"
+    key = re.compile(rf"Result of monitor operation for {re.escape(svc.vm_id)} on "
+                     rf"{re.escape(node)}: .* key={re.escape(svc.vm_id)}_monitor_[1-9]\d* "
+                     r"rc=(\d+)")  # fmt: skip
+    with contextlib.suppress(OSError):
+        for m in key.finditer(log.read_text(errors="replace")):
+            if m.group(1) != "0":
+                return int(m.group(1))
     return None
 
 

@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -715,15 +716,23 @@ class ResourceAgentOcfTester(AgentTest):
         tester = shutil.which("ocf-tester")
         if tester is None:
             self.fail("ocf-tester is missing (Debian package resource-agents)")
-        wrapper = self.agent.with_name("VirtualDomain-ocf-tester")
-        wrapper.write_text(OCF_TESTER_WRAPPER.format(agent=self.agent))
+        # ocf-tester also runs the agent as "nobody": the OCF root must be
+        # where nobody can reach it (not under /root)
+        public = Path(tempfile.mkdtemp(prefix="frozen-ocf-"))
+        self.addCleanup(shutil.rmtree, public, True)
+        public.chmod(0o755)
+        root = public / "ocf"
+        shutil.copytree(self.agent.parents[2], root)
+        agent = root / "resource.d" / "heartbeat" / "VirtualDomain"
+        wrapper = agent.with_name("VirtualDomain-ocf-tester")
+        wrapper.write_text(OCF_TESTER_WRAPPER.format(agent=agent))
         wrapper.chmod(0o755)
         with libvirtd.probe_guest(
             self.daemon, self.qemu_prefix, self.work / "g", start=False, on_crash="freeze"
         ) as probe:
             env = self.daemon.install.env()
             env.update({
-                "OCF_ROOT": str(self.agent.parents[2]),
+                "OCF_ROOT": str(root),
                 "HA_RSCTMP": str(self.rsctmp),
                 "PATH": f"{self.libvirt_prefix / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
             })  # fmt: skip
