@@ -343,7 +343,7 @@ class ClusterStatus:
     def started_on(self, rid: str) -> str | None:
         """The node where ``rid`` runs, None when it runs nowhere."""
         r = self.resource(rid)
-        if r is None or r.role != "Started" or not r.active or not r.nodes:
+        if r is None or r.role != "Started" or not r.active or r.failed or not r.nodes:
             return None
         return r.nodes[0]
 
