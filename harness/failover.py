@@ -296,14 +296,18 @@ def run_failover(
     on_crash: str,
     workdir: Path,
     trigger: str = "panic",
+    vm_params: dict[str, str] | None = None,
     timeout: float = FAILOVER_TIMEOUT,
 ) -> FailoverResult:
     """Start ``svc`` on node1 with the agent of ``provider``, fail its guest,
     follow the recovery to node2 and measure it.  migration-threshold=1:
     the first failure moves the group (same-node recovery is its own
-    scenario)."""
+    scenario).  ``trigger="move"`` fails nothing: the group is banned
+    from node1 and the agent's stop has to deal with a guest that
+    ignores the shutdown request (the probe has no ACPI)."""
     n1, n2 = cl.nodes[0], cl.nodes[1]
-    cl.cib_create("resources", service_group(svc, provider, meta={"migration-threshold": "1"}))
+    cl.cib_create("resources", service_group(svc, provider, vm_params=vm_params,
+                                             meta={"migration-threshold": "1"}))  # fmt: skip
     cl.cib_create("constraints", location(f"loc-{svc.name}", svc.group_id, n1.name, "100"))
     cl.wait(
         lambda s: s.started_on(svc.vm_id) == n1.name,
@@ -315,10 +319,13 @@ def run_failover(
     before = cl.snapshot(f"{svc.name} ({provider}, on_crash={on_crash}): before the failure")
     pid = qemu_pid(n1, svc.name)
 
-    command = TRIGGERS[trigger]
-    with libvirtd.Console(n1.path(svc.console)) as con:
+    if trigger == "move":
         t0 = time.monotonic()
-        con.write(command)
+        cl.resource("--ban", "--resource", svc.group_id, "--node", n1.name)
+    else:
+        with libvirtd.Console(n1.path(svc.console)) as con:
+            t0 = time.monotonic()
+            con.write(TRIGGERS[trigger])
 
     # The first record the guest completes on node2 (its console line is
     # printed once the record is on disk).
@@ -518,6 +525,23 @@ def failover_table(
         domain = {"on_crash": action} if trigger == "panic" else {"watchdog_action": action}
         svc = make_service(shared, qemu[build], f"v{i}{provider[:2]}{action[:2]}", **domain)
         yield run_failover(cl, svc, provider, on_crash=action, workdir=workdir, trigger=trigger)
+
+
+#: (provider, stop_failure_action) of the rows of the stop-failure table
+STOP_ROWS = (("frozen", "freeze"), ("stock", "freeze"))
+
+
+def stop_failure_table(
+    cl: Cluster, shared: Path, qemu: Path, workdir: Path
+) -> Iterator[FailoverResult]:
+    """The group moves away from node1 while its guest ignores the
+    shutdown request: stop_failure_action=freeze must freeze it within
+    the stop timeout (the stock agent, which knows no such parameter,
+    destroys it)."""
+    for i, (provider, action) in enumerate(STOP_ROWS):
+        svc = make_service(shared, qemu, f"m{i}{provider[:2]}", on_crash="destroy")
+        yield run_failover(cl, svc, provider, on_crash=f"stop:{action}", workdir=workdir,
+                           trigger="move", vm_params={"stop_failure_action": action})  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

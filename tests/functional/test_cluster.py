@@ -19,6 +19,11 @@ failover table is one trigger x agent x action, all on the same cluster:
 * a watchdog expiry with ``<watchdog action='freeze'/>``, frozen agent and
   stock agent (negative control), the same checks as the panic.
 
+``test_same_node_recovery`` leaves migration-threshold at its default
+(frozen_dump_dir set: dump and restart on node 1; unset: OCF_ERR_INSTALLED
+and the group moves), ``test_stop_failure_freeze`` moves the group while
+the guest ignores the shutdown (stop_failure_action=freeze freezes it).
+
 The table (failover seconds, memory kept, disk opened on node 2) and the
 ``crm_mon`` text before and after each failover go to the test's results:
 ``failover.json``, ``failover.txt``, ``cluster/crm_mon.txt``.
@@ -186,9 +191,38 @@ class ClusterFailover(ClusterTest):
         self.assertFalse(stock.frozen_memory_kept, stock.row())
         self.assertFalse(stock.dump_has_marker, stock.row())
 
-    def _keep(self, results: list[failover.FailoverResult]) -> None:
+    def test_stop_failure_freeze(self) -> None:
+        """A move while the guest ignores the shutdown: with
+        stop_failure_action=freeze the stop freezes the domain (memory
+        kept) within the stop timeout and the group starts on node2; the
+        stock agent (negative control) destroys it."""
+        results: list[failover.FailoverResult] = []
+        try:
+            with self.cluster() as cl:
+                cl.configure_defaults()
+                for r in failover.stop_failure_table(
+                    cl, self.shared, self.qemu["FROZEN_QEMU"], self.work
+                ):
+                    results.append(r)
+                    self.log.info("%s", json.dumps(r.row()))
+                    self.log.info("crm_mon before:\n%s", r.crm_mon_before)
+                    self.log.info("crm_mon after:\n%s", r.crm_mon_after)
+        finally:
+            self._keep(results, "stop-failure")
+        frozen, stock = results
+        self.assertEqual(frozen.failed_node_state, "frozen (user)", frozen.row())
+        self.assertTrue(frozen.memory_kept and frozen.same_qemu, frozen.row())
+        self.assertTrue(frozen.fs_released, frozen.row())
+        self.assertTrue(frozen.disk_opened_on_node2, frozen.row())
+        # the stop timeout is 30 s: half for the shutdown, then the freeze
+        self.assertLess(frozen.failover_s or 99.0, 30.0 + 15.0, frozen.row())
+        self.assertEqual(stock.failed_node_state, "absent", stock.row())
+        self.assertFalse(stock.memory_kept, stock.row())
+        self.assertTrue(stock.disk_opened_on_node2, stock.row())
+
+    def _keep(self, results: list[failover.FailoverResult], name: str = "failover") -> None:
         logdir = Path(self.logdir)
-        (logdir / "failover.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
+        (logdir / f"{name}.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
         text = failover.table(results)
-        (logdir / "failover.txt").write_text(text + "\n")
+        (logdir / f"{name}.txt").write_text(text + "\n")
         self.log.info("failover table:\n%s", text)
