@@ -124,7 +124,7 @@ class AgentTest(Test):
         self.libvirt_prefix = require_prefix(self, "FROZEN_LIBVIRT", "patched libvirt")
         self.qemu_prefix = require_prefix(self, "FROZEN_QEMU", "patched QEMU")
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            self.cancel("/dev/kvm is missing or not accessible: these tests need KVM")
+            self.fail("/dev/kvm is missing or not accessible: these tests need KVM")
         self.work = Path(self.workdir)
         tree = prepared_tree(self.variant)
         self.rsctmp = self.work / "rsctmp"
