@@ -340,6 +340,12 @@ class Virtqemud:
     workdir: Path
     start_timeout: float = START_TIMEOUT
     stop_timeout: float = STOP_TIMEOUT
+    #: command prefix that puts the daemon into other namespaces (a cluster
+    #: node's: ``nsenter -t PID ...``); empty: this process's own
+    enter: Sequence[str] = ()
+    #: mount propagation of the daemon's namespace: "slave" lets QEMU see
+    #: filesystems mounted later (a cluster's Filesystem resource)
+    propagation: str = "private"
     daemon_pid: int | None = field(default=None, init=False)
     _sup: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
 
@@ -373,7 +379,7 @@ class Virtqemud:
             "output": str(self.run.daemon_output),
             "stop_timeout": self.stop_timeout,
         }
-        cmd = ["unshare", "--mount", "--propagation", "private",
+        cmd = [*self.enter, "unshare", "--mount", "--propagation", self.propagation,
                sys.executable, "-m", "harness.libvirtd", "--supervise", json.dumps(spec)]
         env = self.install.env()
         env["PYTHONPATH"] = os.pathsep.join(
