@@ -62,8 +62,6 @@ CMD_GO = b"g"  # resume writing records
 SECTOR = 512
 RECORD_MAGIC = b"FRZREC01"
 HEADER_MAGIC = b"FRZHDR01"
-#: Console line printed after record N is on disk and its datagram was sent.
-RECORD_LINE_RE = re.compile(rb"^record (\d+) blk=(\w+) net=(\w+) t=(\d+)", re.M)
 
 
 class ProbeBuildError(RuntimeError):

@@ -56,6 +56,10 @@ class VMDied(VMError):
     """QEMU exited while we were waiting for it."""
 
 
+class VMMonitorLost(VMError):
+    """The QMP connection broke while QEMU kept running."""
+
+
 class VMCommandError(VMError):
     """QMP refused a command; carries QMP's error class and description."""
 
@@ -527,8 +531,24 @@ class VM:
             raise VMCommandError(name, arguments, e.error_class, str(e)) from e
         except VMTimeout as e:
             raise VMTimeout(f"{name}: {e}") from e
+        except (QMPError, OSError, EOFError) as e:
+            # qemu.qmp's own disconnect/EOF/state errors: QEMU went away during
+            # (or before) the command; callers see one launcher error for it.
+            self._log_qmp("<X", name, repr(e))
+            raise self._lost(name, e) from e
         self._log_qmp("<", name, result)
         return result
+
+    def _lost(self, name: str, e: BaseException) -> VMError:
+        """The error for a monitor that broke: VMDied once the process is gone."""
+        if self._proc is not None:
+            # QEMU closes the monitor as it exits; give it a moment to be reaped.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=2.0)
+        if not self.is_running():
+            rc = self._proc.returncode if self._proc else None
+            return VMDied(f"{name}: QEMU exited (rc={rc}) during the command ({e!r})")
+        return VMMonitorLost(f"{name}: QMP connection lost, QEMU still running ({e!r})")
 
     def try_cmd(
         self,

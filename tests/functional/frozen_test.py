@@ -2,7 +2,10 @@
 
 The project's test command sets FROZEN_QEMU (install prefix of the patched
 QEMU) and FROZEN_QEMU_STOCK (the unpatched one).  A missing variable is an
-ERROR, never a skip; a missing /dev/kvm cancels the test with the reason.
+ERROR, never a skip. A missing /dev/kvm or missing network namespaces FAIL
+the test: a proof that was not made is not a pass. Only a partial run asked
+for explicitly (FROZEN_PARTIAL=1, ``frozen test --partial``) cancels instead,
+and the suite's summary names what was not proven.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from harness import checks  # noqa: E402
+from harness import checks, netns  # noqa: E402
 from harness.vm import system_binary  # noqa: E402
 
 #: Where Debian keeps the firmware when the prefix has none of its own.
@@ -44,6 +47,25 @@ def require_prefix(test: Test, variable: str, what: str) -> Path:
     return Path(value)
 
 
+def not_proven(test: Test, why: str) -> None:
+    """What this host cannot prove: FAIL, or CANCEL in an explicit partial run."""
+    if checks.partial_run():
+        test.cancel(f"not proven (partial run): {why}")
+    test.fail(f"{why}; for a partial run that reports this as not proven, "
+              f"set {checks.PARTIAL_ENV}=1 (frozen test --partial)")
+
+
+def need_kvm(test: Test) -> None:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        not_proven(test, "/dev/kvm is missing or not accessible: these tests need KVM")
+
+
+def need_network(test: Test, network: str) -> None:
+    """A tap rig needs a private network namespace; never fall back to user."""
+    if network == "tap" and (why := netns.netns_supported()) is not None:
+        not_proven(test, f"tap networking needs a network namespace: {why}")
+
+
 def assert_frozen(test: Test, r: checks.FreezeResult, what: str, accel: str,
                   soak_s: float) -> None:
     """Every promise of the frozen state, for the result of one trigger."""
@@ -60,8 +82,44 @@ def assert_frozen(test: Test, r: checks.FreezeResult, what: str, accel: str,
     cont = next(a for a in r.attempts if a.name == "cont")
     test.assertIn("frozen", cont.message.lower(), "cont refusal does not name the state")
     test.assertTrue(r.lock_released, why)
+    test.assertEqual(r.records_after_freeze, 0, why)
     test.assertTrue(r.quit_clean, why)
-    test.assertGreaterEqual(r.soak_s, soak_s)
+    # The soak is timed from the end of the memory checks and always runs its
+    # whole window unless QEMU exits, so a short one is a failure; the
+    # retries must actually have run.
+    test.assertGreaterEqual(r.soak_s, soak_s, why)
+    test.assertGreaterEqual(r.soak_rounds, 1, why)
+
+
+def assert_control_red(test: Test, r: checks.FreezeResult, what: str) -> None:
+    """A negative control: the checks the frozen state must pass, red on stock.
+
+    Stock QEMU was paused (``stop``, ``-action ...=pause``, ``werror=stop``,
+    or its own stop on an internal error) with links down and nodes
+    inactive, then measured exactly as a freeze is. The measurements of what
+    the series adds must fail; those of what stock already does (memory kept,
+    completed records on disk) must pass, so the control measured for real.
+    """
+    why = "; ".join(r.details)
+    test.assertTrue(r.control, why)
+    test.assertFalse(r.ok, f"the proof passed a stock pause: it cannot fail ({why})")
+    test.assertNotEqual(r.status, "frozen", why)
+    test.assertEqual(r.frozen_events, 0, why)
+    test.assertIsNone(r.reason, why)
+    test.assertTrue(r.memory_kept, why)
+    test.assertTrue(r.records_on_disk, why)
+    # Stock leaves an internal error only through a reset (then cont runs).
+    resume = "system_reset" if what == "internal-error" else "cont"
+    att = next(a for a in r.attempts if a.name == resume)
+    test.assertFalse(att.refused, f"stock refused {resume}: {att.message}")
+    test.assertFalse(r.refusals_held, why)
+    test.assertGreater(r.bytes_written_after_freeze, 0, why)
+    test.assertFalse(r.lock_released, why)
+    if what != "io-error":
+        # werror=stop retries the failing write on every cont and stops
+        # again, so that guest never completes a record nor sends one.
+        test.assertGreater(r.records_after_freeze, 0, why)
+        test.assertGreater(r.packets_after_freeze, 0, why)
 
 
 class FrozenTest(Test):
@@ -80,13 +138,13 @@ class FrozenTest(Test):
         binary = system_binary(self.prefix)
         if not os.access(binary, os.X_OK):
             self.error(f"{self.prefix_variable}={value}: {binary} is missing")
-        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            self.cancel("/dev/kvm is missing or not accessible: these tests need KVM")
+        need_kvm(self)
         self.work = Path(self.workdir)
         self.fw = firmware_dirs(self.prefix)
 
     def rig(self, **kwargs: Any) -> AbstractContextManager[checks.Rig]:
         """Boot the probe guest on this test's QEMU (see checks.probe_rig)."""
+        need_network(self, kwargs.get("network", "user"))
         return checks.probe_rig(
             self.prefix,
             self.work / "rig",

@@ -23,14 +23,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from avocado import Test
-from frozen_test import assert_frozen, firmware_dirs
+from frozen_test import assert_frozen, firmware_dirs, need_network
 
-from harness import checks, config, guest, linux_guest, netns
+from harness import checks, config, guest, linux_guest
 from harness.vm import VM, VMError, system_binary
 
 RAM_MB = 128
 FIRST_RECORD_TIMEOUT = 90.0  # TCG on a shared 2-core machine: ~4-15 s
-SOAK_S = 3.0
+SOAK_S = checks.SOAK_S
 
 
 def linux_args(
@@ -127,8 +127,7 @@ class LinuxGuestFreeze(Test):
         self.work = Path(self.workdir)
 
     def _scenario(self, what: str, disk_format: str, network: str = "user") -> None:
-        if network == "tap" and (why_not := netns.netns_supported()) is not None:
-            self.cancel(f"tap networking needs a network namespace: {why_not}")
+        need_network(self, network)
         t0 = time.monotonic()
         with linux_rig(self.prefix, self.work / "rig", disk_format=disk_format, network=network,
                        actions=checks.trigger_actions(what), accel=self.accel,

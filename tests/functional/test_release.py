@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from frozen_test import FrozenTest
+from frozen_test import FrozenTest, need_network
 
-from harness import checks, guest, netns, release
+from harness import checks, guest, release
 
 #: What a freeze through QMP reports as its reason.
 QMP_REASON = checks.REASONS["qmp"]
@@ -79,8 +79,7 @@ class Release(FrozenTest):
     def test_loop_fs_unmounts_while_frozen_tap(self) -> None:
         """The disk's filesystem unmounts and its loop device detaches under a
         live frozen QEMU on tap networking; memory is still dumped."""
-        if (why := netns.netns_supported()) is not None:
-            self.cancel(why)
+        need_network(self, "tap")
         with loop_rig(self, network="tap") as (mnt, rig):
             vm = rig.vm
             rig.wait_record(3, 10)
@@ -275,8 +274,7 @@ class StockRelease(FrozenTest):
     def test_inactivated_stock_keeps_fs_busy(self) -> None:
         """Stopped and inactivated, stock QEMU keeps the image and the tap
         open: the same umount fails with "busy"."""
-        if (why := netns.netns_supported()) is not None:
-            self.cancel(why)
+        need_network(self, "tap")
         with loop_rig(self, network="tap") as (mnt, rig):
             vm = rig.vm
             rig.wait_record(3, 10)

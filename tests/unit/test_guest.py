@@ -153,8 +153,3 @@ def test_decode_sector_checks_magic_and_crc() -> None:
     assert guest.decode_sector(bytes(512)) is None
     assert guest.decode_sector(good[:511]) is None
 
-
-def test_record_line_pattern() -> None:
-    m = guest.RECORD_LINE_RE.search(b"PROBE: ready\r\nrecord 12 blk=ok net=ok t=345\r\n")
-    assert m is not None
-    assert (int(m.group(1)), m.group(2), m.group(3)) == (12, b"ok", b"ok")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import guest, linux_guest
+from harness import checks, guest, linux_guest
 from harness.linux_guest import CpioEntry, LinuxConfig, LinuxGuestError
 
 
@@ -243,4 +243,4 @@ def test_init_script_parses(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "record sectors=" in linux_guest.INIT_SH
     assert 'echo "record $n $st"' in linux_guest.INIT_SH
-    assert guest.RECORD_LINE_RE.match(b"record 12 blk=ok net=ok t=345")
+    assert checks.RECORD_RX.match("record 12 blk=ok net=ok t=345")

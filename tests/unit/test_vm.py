@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness import vm as vmmod
-from harness.vm import VM, VMCommandError, VMDied, VMLaunchError, VMPaths, VMTimeout
+from harness.vm import VM, VMCommandError, VMDied, VMError, VMLaunchError, VMPaths, VMTimeout
 
 FAKE_QEMU = (
     textwrap.dedent(r'''
@@ -69,6 +69,9 @@ FAKE_QEMU = (
             send({"return": {}, "id": rid})
             send({"event": "STOP", "timestamp": TS})
             con.sendall(b"stopped 42\r\n")
+        elif ex == "crash":
+            # QEMU aborting in the middle of a command: no reply, socket closed.
+            os._exit(134)
         elif ex == "echo":
             send({"return": req.get("arguments", {}), "id": rid})
         elif ex == "quit":
@@ -208,3 +211,17 @@ def test_sockets_removed_after_clean_shutdown(fake_qemu: Path) -> None:
         sock_dir = vm.paths.sock_dir
         assert os.path.exists(sock_dir)
     assert not os.path.exists(sock_dir)
+
+
+def test_qemu_dying_during_a_command_is_vmdied(fake_qemu: Path) -> None:
+    """qemu.qmp's own EOF/disconnect errors never leak out of VM.cmd."""
+    with VM(fake_qemu, name="crash", accel=None) as vm:
+        with pytest.raises(VMDied, match="rc=134"):
+            vm.cmd("crash")
+        assert not vm.is_running()
+        # Later commands are launcher errors too, not qemu.qmp StateError.
+        with pytest.raises(VMError):
+            vm.status()
+        with pytest.raises(VMError):
+            vm.try_cmd("cont")
+    assert vm.exitcode == 134

@@ -1,0 +1,130 @@
+"""`frozen test` stages: what was not run or not proven is never a pass."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import suite
+
+JUNIT = """<testsuite name="avocado" tests="3">
+<testcase classname="Freeze" name="test_qmp"/>
+<testcase classname="Freeze" name="test_tap"><skipped/></testcase>
+<testcase classname="Release" name="test_loop"><skipped/></testcase>
+</testsuite>"""
+RESULTS = {
+    "tests": [
+        {"name": "test_freeze.py:Freeze.test_qmp", "status": "PASS", "fail_reason": None},
+        {
+            "name": "test_freeze.py:Freeze.test_tap",
+            "status": "CANCEL",
+            "fail_reason": "not proven (partial run): tap networking needs a network namespace",
+        },
+        {"name": "test_release.py:Release.test_loop", "status": "CANCEL", "fail_reason": "x"},
+    ]
+}
+
+
+@pytest.fixture
+def fake_avocado(monkeypatch: pytest.MonkeyPatch) -> None:
+    """avocado run, replaced by what it writes: the xunit file and results.json."""
+
+    def run(cmd: list[str], env: Any = None, cwd: Any = None) -> int:
+        junit = Path(cmd[cmd.index("--xunit") + 1])
+        job = Path(cmd[cmd.index("--job-results-dir") + 1]) / "latest"
+        junit.write_text(JUNIT)
+        job.mkdir(parents=True)
+        (job / "results.json").write_text(json.dumps(RESULTS))
+        return 0
+
+    monkeypatch.setattr(suite, "_run", run)
+
+
+def test_cancelled_functional_tests_fail_a_full_run(tmp_path: Path, fake_avocado: None) -> None:
+    s = suite.Suite(tmp_path / "r")
+    suite.stage_functional(s, {})
+    _, counts, _ = s.stages[-1]
+    assert (counts.passed, counts.failed, counts.skipped) == (1, 2, 0)
+    assert any("cancelled in a full run: not proven" in f for f in counts.failures)
+    assert "NOT PROVEN" not in s.summary()
+
+
+def test_partial_run_names_what_was_not_proven(tmp_path: Path, fake_avocado: None) -> None:
+    s = suite.Suite(tmp_path / "r")
+    suite.stage_functional(s, {"FROZEN_PARTIAL": "1"})
+    _, counts, _ = s.stages[-1]
+    assert (counts.passed, counts.failed, counts.skipped) == (1, 0, 2)
+    text = s.summary()
+    assert "NOT PROVEN (partial run" in text
+    assert "test_freeze.py:Freeze.test_tap: not proven (partial run): tap networking" in text
+
+
+def test_not_run_tests_tolerates_a_missing_job(tmp_path: Path) -> None:
+    assert suite.not_run_tests(tmp_path / "none.json") == []
+
+
+def test_split_expected() -> None:
+    listed = ["qemu:qtest+qtest-x86_64 / qtest-x86_64/frozen-test", "qemu:func / other"]
+    found, missing = suite.split_expected(suite.QEMU_IN_TREE_TESTS, listed)
+    assert found == ["qtest-x86_64/frozen-test"] and missing == ["func-x86_64-frozen"]
+
+
+def _install(tmp_path: Path) -> Any:
+    return types.SimpleNamespace(build_dir=tmp_path / "b", prefix=tmp_path / "p", tree=None)
+
+
+@pytest.fixture
+def no_firmware(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(suite.build, "layout_firmware", lambda *a: None)
+    monkeypatch.setattr(suite.build, "bundle_datadir", lambda *a: None)
+
+
+def test_vanished_in_tree_tests_fail_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_firmware: None
+) -> None:
+    monkeypatch.setattr(suite, "meson_test_names", lambda install: ["qemu:unit / test-foo"])
+    s = suite.Suite(tmp_path / "r")
+    suite.stage_qemu_in_tree(s, _install(tmp_path))
+    stage, counts, _ = s.stages[-1]
+    assert stage == "qemu-in-tree" and counts.failed == len(suite.QEMU_IN_TREE_TESTS)
+    assert all("not in `meson test --list`" in f for f in counts.failures)
+
+
+def test_failing_meson_list_fails_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_firmware: None
+) -> None:
+    def broken(install: Any) -> list[str]:
+        raise suite.MesonListError("qemu-in-tree: meson test --list exited 1: no build.ninja")
+
+    monkeypatch.setattr(suite, "meson_test_names", broken)
+    s = suite.Suite(tmp_path / "r")
+    suite.stage_qemu_in_tree(s, _install(tmp_path))
+    _, counts, _ = s.stages[-1]
+    assert counts.failed == 1 and "exited 1" in counts.failures[0]
+
+
+def test_one_vanished_test_fails_beside_the_ones_that_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_firmware: None
+) -> None:
+    listed = ["qemu:qtest+qtest-x86_64 / qtest-x86_64/frozen-test"]
+    monkeypatch.setattr(suite, "meson_test_names", lambda install: listed)
+    ran: list[list[str]] = []
+
+    def meson_test(s: suite.Suite, stage: str, install: Any, args: list[str], started: float,
+                   extra: suite.Counts | None = None) -> None:  # fmt: skip
+        ran.append(args)
+        counts = suite.Counts(passed=len(args))
+        if extra is not None:
+            counts.add(extra)
+        s.record(stage, counts, started)
+
+    monkeypatch.setattr(suite, "_meson_test", meson_test)
+    s = suite.Suite(tmp_path / "r")
+    suite.stage_qemu_in_tree(s, _install(tmp_path))
+    _, counts, _ = s.stages[-1]
+    assert ran == [["qtest-x86_64/frozen-test"]]
+    assert (counts.passed, counts.failed) == (1, 1)
