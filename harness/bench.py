@@ -92,8 +92,7 @@ def image_locked(image: Path) -> bool:
     """True while any process holds a QEMU permission lock on `image`."""
     fd = os.open(image, os.O_RDWR)
     try:
-        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _QEMU_LOCK_START,
-                            _QEMU_LOCK_LEN, 0)  # fmt: skip
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _QEMU_LOCK_START, _QEMU_LOCK_LEN, 0)
         answer = fcntl.fcntl(fd, _F_OFD_GETLK, query)
         return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
     finally:
@@ -132,8 +131,9 @@ class Stat:
         """A Stat from itself or from its JSON form."""
         if isinstance(value, Stat):
             return value
-        return cls(float(value["median"]), float(value["min"]), float(value["max"]),
-                   int(value["n"]))  # fmt: skip
+        return cls(
+            float(value["median"]), float(value["min"]), float(value["max"]), int(value["n"])
+        )
 
     def ms(self) -> str:
         return f"{self.median * 1e3:8.1f} ms [{self.min * 1e3:.1f}-{self.max * 1e3:.1f}]"
@@ -141,8 +141,10 @@ class Stat:
     def md(self) -> str:
         """Markdown cell: median (min-max), in ms with a precision that fits."""
         digits = 2 if self.max < 0.01 else 1 if self.max < 1 else 0
-        return (f"{self.median * 1e3:.{digits}f} ({self.min * 1e3:.{digits}f}-"
-                f"{self.max * 1e3:.{digits}f})")  # fmt: skip
+        return (
+            f"{self.median * 1e3:.{digits}f} ({self.min * 1e3:.{digits}f}-"
+            f"{self.max * 1e3:.{digits}f})"
+        )
 
 
 def stat_or_none(samples: Sequence[float | None]) -> Stat | None:
@@ -331,20 +333,23 @@ class LeanQMP:
                     raise LeanQMPError(name, msg["error"])
                 return msg.get("return"), now
 
-    def execute(self, name: str, args: Mapping[str, Any] | None = None,
-                timeout: float = 30.0) -> Any:  # fmt: skip
+    def execute(
+        self, name: str, args: Mapping[str, Any] | None = None, timeout: float = 30.0
+    ) -> Any:
         cid, _ = self.send(name, args)
         return self.reply(name, cid, timeout)[0]
 
-    def timed(self, name: str, args: Mapping[str, Any] | None = None,
-              timeout: float = 30.0) -> tuple[float, Any]:  # fmt: skip
+    def timed(
+        self, name: str, args: Mapping[str, Any] | None = None, timeout: float = 30.0
+    ) -> tuple[float, Any]:
         """Seconds from send to reply, and the reply."""
         cid, start = self.send(name, args)
         value, end = self.reply(name, cid, timeout)
         return end - start, value
 
-    def wait_event(self, name: str | Sequence[str], timeout: float,
-                   after: float = 0.0) -> tuple[float, dict]:  # fmt: skip
+    def wait_event(
+        self, name: str | Sequence[str], timeout: float, after: float = 0.0
+    ) -> tuple[float, dict]:
         """The first event `name` (or any of the names) that arrived at or
         after `after`, and its arrival time."""
         names = (name,) if isinstance(name, str) else tuple(name)
@@ -364,8 +369,12 @@ class LeanQMP:
 
 def qmp2_args(path: Path) -> list[str]:
     """A second QMP monitor (QEMU listens) for the lean client."""
-    return ["-chardev", f"socket,id=qmp2,path={path},server=on,wait=off",
-            "-mon", "chardev=qmp2,mode=control"]  # fmt: skip
+    return [
+        "-chardev",
+        f"socket,id=qmp2,path={path},server=on,wait=off",
+        "-mon",
+        "chardev=qmp2,mode=control",
+    ]
 
 
 # -- a real standby ---------------------------------------------------------------
@@ -436,8 +445,11 @@ class Standby:
     def start(self, timeout: float = 10.0) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _STANDBY, str(self.image), *map(str, self.offsets)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         first = self._line(timeout)
         if first != "held":
             raise StandbyError(f"the lock on {self.image} was not held before the command")
@@ -492,18 +504,31 @@ def layout_args(layout: Layout, workdir: Path, prefix: Path) -> list[str]:
     for i in range(1, layout.disks):
         image = workdir / f"disk{i}.{layout.fmt}"
         checks.create_image(prefix, image, layout.fmt)
-        node = {"driver": layout.fmt, "node-name": f"disk{i}",
-                "file": {"driver": "file", "filename": str(image)}}  # fmt: skip
-        args += ["-blockdev", json.dumps(node),
-                 "-device", f"virtio-blk-pci,drive=disk{i},id=vblk{i}"]  # fmt: skip
+        node = {
+            "driver": layout.fmt,
+            "node-name": f"disk{i}",
+            "file": {"driver": "file", "filename": str(image)},
+        }
+        args += [
+            "-blockdev",
+            json.dumps(node),
+            "-device",
+            f"virtio-blk-pci,drive=disk{i},id=vblk{i}",
+        ]
     for i in range(1, layout.nics):
-        args += ["-netdev", f"user,id=net{i}",
-                 "-device", f"virtio-net-pci,netdev=net{i},id=nic{i},romfile="]  # fmt: skip
+        args += [
+            "-netdev",
+            f"user,id=net{i}",
+            "-device",
+            f"virtio-net-pci,netdev=net{i},id=nic{i},romfile=",
+        ]
     if layout.load_image is not None:
-        node = {"driver": "raw", "node-name": "load0",
-                "file": {"driver": "file", "filename": str(layout.load_image)}}  # fmt: skip
-        args += ["-blockdev", json.dumps(node),
-                 "-device", "virtio-blk-pci,drive=load0,id=vblkload"]  # fmt: skip
+        node = {
+            "driver": "raw",
+            "node-name": "load0",
+            "file": {"driver": "file", "filename": str(layout.load_image)},
+        }
+        args += ["-blockdev", json.dumps(node), "-device", "virtio-blk-pci,drive=load0,id=vblkload"]
     if layout.ram_mb is not None:
         args += ["-m", str(layout.ram_mb), "-mem-prealloc"]
     return args
@@ -582,10 +607,15 @@ class Bench:
         timeout = 120.0 if layout.ram_mb and layout.ram_mb > 1024 else 30.0
         try:
             rig_cm = checks.probe_rig(
-                self.prefix(side), workdir, accel=self.accel, disk_format=layout.fmt,
-                extra_args=extra, actions=layout.actions, guest_options=dict(layout.guest),
+                self.prefix(side),
+                workdir,
+                accel=self.accel,
+                disk_format=layout.fmt,
+                extra_args=extra,
+                actions=layout.actions,
+                guest_options=dict(layout.guest),
                 first_record_timeout=timeout,
-            )  # fmt: skip
+            )
             with rig_cm as rig, LeanQMP(sock_dir / "q") as qmp:
                 start = time.monotonic()
                 rig.vm.cmd("query-status")
@@ -619,16 +649,24 @@ class Bench:
                 # What a stock client must do first for the inactivation to
                 # work (and not crash QEMU, under a mirror): end the job.
                 q.execute("block-job-cancel", {"device": "job0", "force": True})
-                q.wait_event(("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"), LOCK_TIMEOUT,
-                             after=start)  # fmt: skip
+                q.wait_event(
+                    ("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"), LOCK_TIMEOUT, after=start
+                )
             for nic in nic_ids(box.layout):
                 q.execute("set_link", {"name": nic, "up": False})
             cid, _ = q.send("blockdev-set-active", {"active": False})
             return start, q.reply("blockdev-set-active", cid)[1] - start
         raise ValueError(f"unknown action {action!r}")
 
-    def sample(self, side: str, action: str, name: str, layout: Layout = Layout(),
-               load: str | None = None, standby: bool = True) -> dict[str, Any]:  # fmt: skip
+    def sample(
+        self,
+        side: str,
+        action: str,
+        name: str,
+        layout: Layout = Layout(),
+        load: str | None = None,
+        standby: bool = True,
+    ) -> dict[str, Any]:
         """One fresh VM, one command: latency, client floor, lock free, job state.
 
         Order: client floor, standby blocked on the lock (the VM holds it from
@@ -687,8 +725,12 @@ class Bench:
                 "file": {"driver": "file", "filename": str(target)},
             },
         )
-        args: dict[str, Any] = {"job-id": "job0", "device": "load0", "target": "tgt0",
-                                "sync": "full"}  # fmt: skip
+        args: dict[str, Any] = {
+            "job-id": "job0",
+            "device": "load0",
+            "target": "tgt0",
+            "sync": "full",
+        }
         if load in ("mirror-throttled", "backup"):
             args["speed"] = self.speed_mb << 20
         q.execute("blockdev-mirror" if load.startswith("mirror") else "blockdev-backup", args)
@@ -699,8 +741,13 @@ class Bench:
             time.sleep(0.005)
         return {"load": load}
 
-    def pair(self, name: str, sides: Sequence[tuple[str, str]], layout: Layout = Layout(),
-             load: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def pair(
+        self,
+        name: str,
+        sides: Sequence[tuple[str, str]],
+        layout: Layout = Layout(),
+        load: str | None = None,
+    ) -> dict[str, Any]:
         """Interleaved samples of (side, action) pairs; per action: latency, floor, lock.
 
         A job sample whose job was not mid-copy when the command went is
@@ -712,8 +759,14 @@ class Bench:
             for side, action in sides:
                 for attempt in range(1, MID_COPY_ATTEMPTS + 1):
                     say(f"bench: {name} {action} ({side}) {i + 1}/{self.reps}")
-                    s = self.sample(side, action, f"{name}-{action}-{i}-{attempt}", layout,
-                                    load, standby=action != "stop")  # fmt: skip
+                    s = self.sample(
+                        side,
+                        action,
+                        f"{name}-{action}-{i}-{attempt}",
+                        layout,
+                        load,
+                        standby=action != "stop",
+                    )
                     s["attempts"] = attempt
                     if s.get("mid_copy", True):
                         break
@@ -725,13 +778,15 @@ class Bench:
     def idle(self) -> dict[str, Any]:
         return self.pair("idle", (("frozen", "freeze"), ("stock", "stop"), ("stock", "script")))
 
-    def scaling(self, disks: Sequence[int], nics: Sequence[int],
-                formats: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+    def scaling(
+        self, disks: Sequence[int], nics: Sequence[int], formats: Sequence[str]
+    ) -> dict[str, Any]:
         sides = (("frozen", "freeze"), ("stock", "script"))
         out: dict[str, Any] = {"disks": {}, "nics": {}}
         for fmt in formats:
-            out["disks"][fmt] = {n: self.pair(f"disks{n}-{fmt}", sides, Layout(disks=n, fmt=fmt))
-                                 for n in disks}  # fmt: skip
+            out["disks"][fmt] = {
+                n: self.pair(f"disks{n}-{fmt}", sides, Layout(disks=n, fmt=fmt)) for n in disks
+            }
         for n in nics:
             out["nics"][n] = self.pair(f"nics{n}", sides, Layout(nics=n))
         return out
@@ -752,12 +807,18 @@ class Bench:
                     floors.append(box.qmp.floor())
                     box.qmp.execute("stop")
                     dump = box.rig.workdir / "dump.elf"
-                    took, _ = box.qmp.timed("dump-guest-memory", {
-                        "paging": False, "protocol": f"file:{dump}"}, timeout=600)  # fmt: skip
+                    took, _ = box.qmp.timed(
+                        "dump-guest-memory",
+                        {"paging": False, "protocol": f"file:{dump}"},
+                        timeout=600,
+                    )
                     dumped.append(took)
                     dump.unlink()
-            curve[mb] = {"freeze": Stat.of(frozen), "dump": Stat.of(dumped),
-                         "floor": Stat.of(floors)}  # fmt: skip
+            curve[mb] = {
+                "freeze": Stat.of(frozen),
+                "dump": Stat.of(dumped),
+                "floor": Stat.of(floors),
+            }
         return {"curve": curve}
 
     def load(self, loads: Sequence[str]) -> dict[str, Any]:
@@ -785,8 +846,10 @@ class Bench:
         event = {"panic": "GUEST_PANICKED", "watchdog": "WATCHDOG"}[what]
         command = {"panic": guest.CMD_PANIC, "watchdog": guest.CMD_WATCHDOG}[what]
         action = "freeze" if side == "frozen" else "pause"
-        with self.box(side, f"{what}-{action}", Layout(actions={what: action})) as box, \
-                Standby(box.rig.image) as sb:  # fmt: skip
+        with (
+            self.box(side, f"{what}-{action}", Layout(actions={what: action})) as box,
+            Standby(box.rig.image) as sb,
+        ):
             sb.start()
             box.rig.guest_command(command)
             _, ev = box.qmp.wait_event(event, 30)
@@ -806,8 +869,10 @@ class Bench:
                 for side in ("frozen", "stock"):
                     say(f"bench: {what} -> lock ({side}) {i + 1}/{self.reps}")
                     runs[side].append(self.failover_once(side, what))
-            out[what] = {"freeze": Stat.of(runs["frozen"]),
-                         "pause_then_quit": Stat.of(runs["stock"])}  # fmt: skip
+            out[what] = {
+                "freeze": Stat.of(runs["frozen"]),
+                "pause_then_quit": Stat.of(runs["stock"]),
+            }
         return out
 
     def steady(self) -> dict[str, Any]:
@@ -834,9 +899,11 @@ def strace_attached(pid: int, out: Path, syscalls: str = STRACE_SYSCALLS) -> Ite
     """strace on every thread of `pid` for the duration; ended by its PID."""
     proc = subprocess.Popen(
         ["strace", "-f", "-tt", "-T", "-e", f"trace={syscalls}", "-o", str(out), "-p", str(pid)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         deadline = time.monotonic() + 10
         while not _all_traced(pid, proc.pid):
@@ -965,8 +1032,13 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Stat):
         return vars(value)
     if isinstance(value, Target):
-        return {"name": value.name, "value": value.value, "limit": value.limit,
-                "met": value.met, "detail": value.detail}  # fmt: skip
+        return {
+            "name": value.name,
+            "value": value.value,
+            "limit": value.limit,
+            "met": value.met,
+            "detail": value.detail,
+        }
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -999,9 +1071,12 @@ def _lock(row: Mapping[str, Any]) -> str:
     return "" if lock is None else f"  lock free {_ms(lock).strip()}"
 
 
-_ACTION_TEXT = {"freeze": "freeze (frozen QEMU)", "stop": "stop (stock)",
-                "script": "stop+set_link+set-active (stock)",
-                "script-cancel": "stop+job-cancel+link+inactive (stock)"}  # fmt: skip
+_ACTION_TEXT = {
+    "freeze": "freeze (frozen QEMU)",
+    "stop": "stop (stock)",
+    "script": "stop+set_link+set-active (stock)",
+    "script-cancel": "stop+job-cancel+link+inactive (stock)",
+}
 
 
 def _rows(title: str, block: Mapping[str, Any]) -> list[str]:
@@ -1011,8 +1086,10 @@ def _rows(title: str, block: Mapping[str, Any]) -> list[str]:
         if "mid_copy" in row:
             fracs = ", ".join("-" if f is None else f"{f:.2f}" for f in row["job_offset_frac"])
             extra = f"  mid-copy {row['mid_copy']}/{len(row['job_offset_frac'])} (at {fracs})"
-        lines.append(f"  {_ACTION_TEXT.get(action, action):38s}{_ms(row['latency'])}"
-                     f"{_floor_ms(row)}{_lock(row)}{extra}")  # fmt: skip
+        lines.append(
+            f"  {_ACTION_TEXT.get(action, action):38s}{_ms(row['latency'])}"
+            f"{_floor_ms(row)}{_lock(row)}{extra}"
+        )
         for e in row.get("errors", []):
             lines.append(f"    error: {e}")
     return lines
@@ -1041,8 +1118,9 @@ def table(result: Mapping[str, Any]) -> str:
     if mem and mem.get("curve"):
         lines += ["", "guest RAM   freeze (frozen)                dump-guest-memory (stock)"]
         for mb, row in mem["curve"].items():
-            lines.append(f"{int(mb):6d} MB {_ms(row['freeze'])}   {_ms(row['dump'])}"
-                         f"{_floor_ms(row)}")  # fmt: skip
+            lines.append(
+                f"{int(mb):6d} MB {_ms(row['freeze'])}   {_ms(row['dump'])}{_floor_ms(row)}"
+            )
     for load, block in (result.get("load") or {}).items():
         lines += ["", *_rows(f"under load: {load}", block)]
     fail = result.get("failover")
@@ -1050,8 +1128,10 @@ def table(result: Mapping[str, Any]) -> str:
         lines.append("")
         for what, row in fail.items():
             lines.append(f"{what + ' -> standby has the lock, freeze':44s}{_ms(row['freeze'])}")
-            lines.append(f"{what + ' -> standby has the lock, pause + quit':44s}"
-                         f"{_ms(row['pause_then_quit'])}")  # fmt: skip
+            lines.append(
+                f"{what + ' -> standby has the lock, pause + quit':44s}"
+                f"{_ms(row['pause_then_quit'])}"
+            )
     st = result.get("steady")
     if st:
         lines += [
@@ -1108,8 +1188,11 @@ def readme_table(result: Mapping[str, Any]) -> str:
         return _md(row.get(key))
 
     def floor_of(block: Mapping[str, Any]) -> str:
-        floors = [Stat.load(r["floor"]).median for r in block.values()
-                  if isinstance(r, Mapping) and r.get("floor") is not None]  # fmt: skip
+        floors = [
+            Stat.load(r["floor"]).median
+            for r in block.values()
+            if isinstance(r, Mapping) and r.get("floor") is not None
+        ]
         return "n/a" if not floors else f"{statistics.median(floors) * 1e3:.2f}"
 
     def freeze_over_stop(block: Mapping[str, Any]) -> str:
@@ -1119,8 +1202,10 @@ def readme_table(result: Mapping[str, Any]) -> str:
     def row(label: str, block: Mapping[str, Any]) -> str:
         f, s, sc = block.get("freeze"), block.get("stop"), block.get("script")
         locks = f"{cell(f, 'lock_free')} | {cell(sc, 'lock_free')}"
-        return (f"| {label} | {cell(f)} | {cell(s)} | {cell(sc)} | {freeze_over_stop(block)} | "
-                f"{locks} | {floor_of(block)} |")  # fmt: skip
+        return (
+            f"| {label} | {cell(f)} | {cell(s)} | {cell(sc)} | {freeze_over_stop(block)} | "
+            f"{locks} | {floor_of(block)} |"
+        )
 
     if result.get("idle"):
         out.append(row("idle, 1 raw disk, 1 NIC", result["idle"]))
@@ -1158,29 +1243,43 @@ def readme_table(result: Mapping[str, Any]) -> str:
         out += ["", *(f"[{i}] {text}" for i, text in enumerate(notes, 1))]
     mem = result.get("memory")
     if mem and mem.get("curve"):
-        out += ["", "| guest RAM | frozen: `freeze` | stock: `dump-guest-memory` (after `stop`) "
-                "| client floor |", "|---|---|---|---|"]  # fmt: skip
+        out += [
+            "",
+            "| guest RAM | frozen: `freeze` | stock: `dump-guest-memory` (after `stop`) "
+            "| client floor |",
+            "|---|---|---|---|",
+        ]
         for mb, r in mem["curve"].items():
             floor = "n/a" if r.get("floor") is None else f"{Stat.load(r['floor']).median * 1e3:.2f}"
             out.append(f"| {mb} MB | {_md(r['freeze'])} | {_md(r['dump'])} | {floor} |")
     fail = result.get("failover")
     if fail:
-        out += ["", "| guest failure until a standby has the lock | `=freeze` | "
-                "stock `=pause` + `quit` |", "|---|---|---|"]  # fmt: skip
+        out += [
+            "",
+            "| guest failure until a standby has the lock | `=freeze` | stock `=pause` + `quit` |",
+            "|---|---|---|",
+        ]
         for what, r in fail.items():
             out.append(f"| {what} | {_md(r['freeze'])} | {_md(r['pause_then_quit'])} |")
     pm = result.get("pacemaker")
     if pm:
-        out += ["", "| failover under Pacemaker: guest failure until the service's first write "
-                "on node 2 | frozen agent | stock agent | memory kept |", "|---|---|---|---|",
-                f"| {pm.get('what', 'failure')} | {_md(pm.get('frozen'))} | {_md(pm.get('stock'))} "
-                f"| {pm.get('memory_kept', 'n/a')} |"]  # fmt: skip
+        out += [
+            "",
+            "| failover under Pacemaker: guest failure until the service's first write "
+            "on node 2 | frozen agent | stock agent | memory kept |",
+            "|---|---|---|---|",
+            f"| {pm.get('what', 'failure')} | {_md(pm.get('frozen'))} | {_md(pm.get('stock'))} "
+            f"| {pm.get('memory_kept', 'n/a')} |",
+        ]
     st = result.get("steady")
     if st:
-        out += ["", f"Steady state over {st['window_s']:.0f} s: QEMU CPU running "
-                f"{st['cpu_s_running']:.2f} s, frozen {st['cpu_s_frozen']:.2f} s, stock stopped "
-                f"{st['cpu_s_stock_stopped']:.2f} s; RSS running {st['rss_kib_running']} KiB, "
-                f"frozen {st['rss_kib_frozen']} KiB."]  # fmt: skip
+        out += [
+            "",
+            f"Steady state over {st['window_s']:.0f} s: QEMU CPU running "
+            f"{st['cpu_s_running']:.2f} s, frozen {st['cpu_s_frozen']:.2f} s, stock stopped "
+            f"{st['cpu_s_stock_stopped']:.2f} s; RSS running {st['rss_kib_running']} KiB, "
+            f"frozen {st['rss_kib_frozen']} KiB.",
+        ]
     out += ["", "| target | value | limit | verdict |", "|---|---|---|---|"]
     for t in targets(result):
         v = "n/a" if t.value is None else f"{t.value:.3f}"
@@ -1201,10 +1300,14 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
         sizes = [int(mb) for mb in curve]
         for key, label in (("freeze", "freeze (frozen)"), ("dump", "dump-guest-memory (stock)")):
             stats = [Stat.load(curve[mb][key]) for mb in curve]
-            left.errorbar(sizes, [s.median for s in stats],
-                          yerr=[[s.median - s.min for s in stats],
-                                [s.max - s.median for s in stats]],
-                          marker="o", capsize=3, label=label)  # fmt: skip
+            left.errorbar(
+                sizes,
+                [s.median for s in stats],
+                yerr=[[s.median - s.min for s in stats], [s.max - s.median for s in stats]],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
         left.set_xlabel("guest RAM (MB)")
         left.set_ylabel("seconds")
         left.set_yscale("log")
@@ -1224,15 +1327,26 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
                 if row.get("floor") is not None:
                     floors.append(Stat.load(row["floor"]).median)
         if stats:
-            mid.bar(xs, [st.median * 1e3 for st in stats], width, label=_ACTION_TEXT[action],
-                    yerr=[[(st.median - st.min) * 1e3 for st in stats],
-                          [(st.max - st.median) * 1e3 for st in stats]], capsize=2)  # fmt: skip
+            mid.bar(
+                xs,
+                [st.median * 1e3 for st in stats],
+                width,
+                label=_ACTION_TEXT[action],
+                yerr=[
+                    [(st.median - st.min) * 1e3 for st in stats],
+                    [(st.max - st.median) * 1e3 for st in stats],
+                ],
+                capsize=2,
+            )
     if groups:
-        mid.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=8,
-                       rotation=20)  # fmt: skip
+        mid.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=8, rotation=20)
         if floors:
-            mid.axhline(statistics.median(floors) * 1e3, color="grey", linestyle="--",
-                        label="client floor (query-status)")  # fmt: skip
+            mid.axhline(
+                statistics.median(floors) * 1e3,
+                color="grey",
+                linestyle="--",
+                label="client floor (query-status)",
+            )
         mid.set_yscale("log")
         mid.legend(fontsize=7, loc="upper left")
     mid.set_ylabel("milliseconds")
@@ -1241,11 +1355,18 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     for fmt, rows in disks.items():
         counts = sorted(rows, key=int)
         for action, style in (("freeze", "-o"), ("script", "--s")):
-            stats = [Stat.load(rows[n][action]["latency"]) for n in counts
-                     if (rows[n].get(action) or {}).get("latency") is not None]  # fmt: skip
+            stats = [
+                Stat.load(rows[n][action]["latency"])
+                for n in counts
+                if (rows[n].get(action) or {}).get("latency") is not None
+            ]
             if len(stats) == len(counts):
-                right.plot([int(n) for n in counts], [st.median * 1e3 for st in stats], style,
-                           label=f"{action} ({fmt})")  # fmt: skip
+                right.plot(
+                    [int(n) for n in counts],
+                    [st.median * 1e3 for st in stats],
+                    style,
+                    label=f"{action} ({fmt})",
+                )
     if disks:
         right.set_xlabel("disks")
         right.legend(fontsize=7)
@@ -1256,30 +1377,57 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def run(stock: Path, frozen: Path, *, reps: int = 3,
-        sections: Sequence[str] = SECTIONS[:-1], sizes: Sequence[int] = MEMORY_SIZES_MB,
-        disks: Sequence[int] = DISK_COUNTS, nics: Sequence[int] = NIC_COUNTS,
-        formats: Sequence[str] = FORMATS, loads: Sequence[str] = LOADS,
-        load_mb: int = LOAD_MB, speed_mb: int = MIRROR_SPEED_MB,
-        steady_s: float = STEADY_WINDOW_S, trace: Sequence[str] = (), strace: bool = False,
-        out_dir: Path | None = None) -> tuple[dict[str, Any], Path]:  # fmt: skip
+def run(
+    stock: Path,
+    frozen: Path,
+    *,
+    reps: int = 3,
+    sections: Sequence[str] = SECTIONS[:-1],
+    sizes: Sequence[int] = MEMORY_SIZES_MB,
+    disks: Sequence[int] = DISK_COUNTS,
+    nics: Sequence[int] = NIC_COUNTS,
+    formats: Sequence[str] = FORMATS,
+    loads: Sequence[str] = LOADS,
+    load_mb: int = LOAD_MB,
+    speed_mb: int = MIRROR_SPEED_MB,
+    steady_s: float = STEADY_WINDOW_S,
+    trace: Sequence[str] = (),
+    strace: bool = False,
+    out_dir: Path | None = None,
+) -> tuple[dict[str, Any], Path]:
     """Run the chosen sections; returns the result and the directory written."""
     out_dir = out_dir or config.cache_root() / "results" / time.strftime("bench-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(stock, frozen, out_dir / "work", reps, checks.default_accel(),
-                  load_mb=load_mb, speed_mb=speed_mb, steady_s=steady_s,
-                  trace=tuple(trace), strace=strace)  # fmt: skip
+    bench = Bench(
+        stock,
+        frozen,
+        out_dir / "work",
+        reps,
+        checks.default_accel(),
+        load_mb=load_mb,
+        speed_mb=speed_mb,
+        steady_s=steady_s,
+        trace=tuple(trace),
+        strace=strace,
+    )
     result: dict[str, Any] = {
-        "accel": bench.accel, "reps": reps, "stock_prefix": str(stock),
-        "frozen_prefix": str(frozen), "load_mb": load_mb, "speed_mb": speed_mb,
-        "trace": list(trace), "strace": strace, "work": str(out_dir / "work"),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg": os.getloadavg()[0],
+        "accel": bench.accel,
+        "reps": reps,
+        "stock_prefix": str(stock),
+        "frozen_prefix": str(frozen),
+        "load_mb": load_mb,
+        "speed_mb": speed_mb,
+        "trace": list(trace),
+        "strace": strace,
+        "work": str(out_dir / "work"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg": os.getloadavg()[0],
         "cores": os.cpu_count(),
         # Failover under Pacemaker (time to the service's first write on node 2,
         # frozen agent against stock, memory kept) comes from the cluster work:
         # {"frozen": Stat, "stock": Stat, "memory_kept": bool}.
         "pacemaker": None,
-    }  # fmt: skip
+    }
     steps: dict[str, Callable[[], Any]] = {
         "idle": bench.idle,
         "scaling": lambda: bench.scaling(disks, nics, formats),
@@ -1330,8 +1478,12 @@ def add_pacemaker(
     Rewrites bench.json (targets included) and README-table.md beside it.
     """
     result = load_result(path)
-    result["pacemaker"] = {"frozen": Stat.of(frozen), "stock": Stat.of(stock),
-                           "memory_kept": memory_kept, "what": what}  # fmt: skip
+    result["pacemaker"] = {
+        "frozen": Stat.of(frozen),
+        "stock": Stat.of(stock),
+        "memory_kept": memory_kept,
+        "what": what,
+    }
     result["targets"] = targets(result)
     path.write_text(json.dumps(_jsonable(result), indent=1))
     (path.parent / "README-table.md").write_text(readme_table(load_result(path)) + "\n")

@@ -38,10 +38,14 @@ class BuildError(Exception):
     """A configure, build or install step failed; carries the log tail and path."""
 
     def __init__(self, what: str, log: Path):
-        lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:] \
-            if log.exists() else []
-        super().__init__(f"{what} failed; last {len(lines)} lines of {log}:\n" +
-                         "\n".join("  " + ln for ln in lines) + f"\n(full log: {log})")
+        lines = (
+            log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:] if log.exists() else []
+        )
+        super().__init__(
+            f"{what} failed; last {len(lines)} lines of {log}:\n"
+            + "\n".join("  " + ln for ln in lines)
+            + f"\n(full log: {log})"
+        )
         self.log = log
 
 
@@ -64,11 +68,23 @@ def qemu_options() -> list[str]:
     return [
         "--target-list=x86_64-softmmu",
         "--without-default-features",
-        "--enable-kvm", "--enable-tcg", "--enable-slirp", "--enable-tools",
-        "--enable-linux-aio", "--enable-attr", "--enable-cap-ng", "--enable-colo-proxy",
-        "--enable-replication", "--enable-vhost-user", "--enable-vhost-user-blk-server",
-        "--enable-vhost-kernel", "--enable-vhost-net", "--enable-vhost-vdpa",
-        "--disable-docs", "--disable-download", "--disable-install-blobs",
+        "--enable-kvm",
+        "--enable-tcg",
+        "--enable-slirp",
+        "--enable-tools",
+        "--enable-linux-aio",
+        "--enable-attr",
+        "--enable-cap-ng",
+        "--enable-colo-proxy",
+        "--enable-replication",
+        "--enable-vhost-user",
+        "--enable-vhost-user-blk-server",
+        "--enable-vhost-kernel",
+        "--enable-vhost-net",
+        "--enable-vhost-vdpa",
+        "--disable-docs",
+        "--disable-download",
+        "--disable-install-blobs",
         "--disable-werror",
     ]
 
@@ -106,15 +122,46 @@ def libvirt_options(prefix: Path) -> list[str]:
     on the host is touched.
     """
     disabled = (
-        "driver_bhyve", "driver_esx", "driver_hyperv", "driver_interface", "driver_libxl",
-        "driver_lxc", "driver_ch", "driver_network", "driver_openvz", "driver_secrets",
-        "driver_vbox", "driver_vmware", "driver_vz",
-        "storage_dir", "storage_disk", "storage_fs", "storage_gluster", "storage_iscsi",
-        "storage_iscsi_direct", "storage_lvm", "storage_mpath", "storage_rbd", "storage_scsi",
-        "storage_vstorage", "storage_zfs",
-        "docs", "expensive_tests", "nss", "wireshark_dissector", "sanlock", "polkit",
-        "firewalld", "bash_completion", "apparmor", "secdriver_apparmor", "nbdkit",
-        "glusterfs", "libiscsi", "host_validate", "sysctl_config",
+        "driver_bhyve",
+        "driver_esx",
+        "driver_hyperv",
+        "driver_interface",
+        "driver_libxl",
+        "driver_lxc",
+        "driver_ch",
+        "driver_network",
+        "driver_openvz",
+        "driver_secrets",
+        "driver_vbox",
+        "driver_vmware",
+        "driver_vz",
+        "storage_dir",
+        "storage_disk",
+        "storage_fs",
+        "storage_gluster",
+        "storage_iscsi",
+        "storage_iscsi_direct",
+        "storage_lvm",
+        "storage_mpath",
+        "storage_rbd",
+        "storage_scsi",
+        "storage_vstorage",
+        "storage_zfs",
+        "docs",
+        "expensive_tests",
+        "nss",
+        "wireshark_dissector",
+        "sanlock",
+        "polkit",
+        "firewalld",
+        "bash_completion",
+        "apparmor",
+        "secdriver_apparmor",
+        "nbdkit",
+        "glusterfs",
+        "libiscsi",
+        "host_validate",
+        "sysctl_config",
     )
     return [
         f"--prefix={prefix}",
@@ -125,8 +172,10 @@ def libvirt_options(prefix: Path) -> list[str]:
         "-Dqemu_user=root",
         "-Dqemu_group=root",
         # driver_libvirtd builds the modular daemons, virtqemud among them.
-        *(f"-D{d}=enabled" for d in ("driver_qemu", "driver_libvirtd", "driver_remote",
-                                       "driver_test")),
+        *(
+            f"-D{d}=enabled"
+            for d in ("driver_qemu", "driver_libvirtd", "driver_remote", "driver_test")
+        ),
         *(f"-D{d}=disabled" for d in disabled),
         "-Dtests=enabled",
         "-Dinit_script=none",
@@ -163,8 +212,15 @@ def cache_key(tree: Tree, options: list[str]) -> str:
     from harness.patches import series_digest
 
     digest = hashlib.sha256()
-    for part in (tree.project, tree.base.kind, tree.base.ident, "\n".join(tree.base.fixups),
-                 series_digest(list(tree.patches)), "\0".join(options), RECIPE_VERSION):
+    for part in (
+        tree.project,
+        tree.base.kind,
+        tree.base.ident,
+        "\n".join(tree.base.fixups),
+        series_digest(list(tree.patches)),
+        "\0".join(options),
+        RECIPE_VERSION,
+    ):
         digest.update(part.encode() + b"\n")
     return digest.hexdigest()
 
@@ -185,16 +241,24 @@ def build_env(tree: Path) -> dict[str, str]:
     return env
 
 
-def run_logged(cmd: list[str], log: Path, env: dict[str, str], label: str,
-                cwd: Path | None = None) -> float:
+def run_logged(
+    cmd: list[str], log: Path, env: dict[str, str], label: str, cwd: Path | None = None
+) -> float:
     """Run `cmd` with output to `log`, showing ninja's [n/m] as progress."""
     progress = Progress(label, None, step=10)
     start = time.monotonic()
     with log.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env, cwd=cwd, errors="replace")
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=cwd,
+            errors="replace",
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
@@ -233,16 +297,20 @@ def layout_firmware(build_dir: Path, datadir: Path) -> None:
     datadir.mkdir(parents=True, exist_ok=True)
     for src_dir, pattern in ((SEABIOS_DIR, "*.bin"), (IPXE_DIR, "*.rom")):
         if not src_dir.is_dir():
-            raise BuildError(f"firmware layout: {src_dir} is missing (install Debian's "
-                             "seabios and ipxe-qemu)", build_dir / "frozen-build.log")
+            raise BuildError(
+                f"firmware layout: {src_dir} is missing (install Debian's seabios and ipxe-qemu)",
+                build_dir / "frozen-build.log",
+            )
         for blob in src_dir.glob(pattern):
             link = datadir / blob.name
             if not link.exists():
                 link.symlink_to(blob.resolve())
     roms = list((build_dir / "pc-bios" / "optionrom").glob("*.bin"))
     if not roms:
-        raise BuildError("the x86 option ROMs were not built (is gcc-multilib installed?)",
-                         build_dir / "frozen-build.log")
+        raise BuildError(
+            "the x86 option ROMs were not built (is gcc-multilib installed?)",
+            build_dir / "frozen-build.log",
+        )
     for rom in roms:
         shutil.copy2(rom, datadir / rom.name)
 
@@ -260,8 +328,10 @@ def install_test_programs(build_dir: Path, prefix: Path) -> None:
     for rel in TEST_PROGRAMS:
         src = build_dir / rel
         if not src.is_file():
-            raise BuildError(f"test program {rel} was not built (vhost-user enabled?)",
-                             build_dir / "frozen-build.log")
+            raise BuildError(
+                f"test program {rel} was not built (vhost-user enabled?)",
+                build_dir / "frozen-build.log",
+            )
         shutil.copy2(src, dest / src.name)
 
 
@@ -270,8 +340,9 @@ def bundle_datadir(build_dir: Path, prefix: Path) -> Path:
     return build_dir / "qemu-bundle" / prefix.relative_to("/") / "share" / "qemu"
 
 
-def _install_api_xml(src: Path, build_dir: Path, prefix: Path, log: Path,
-                     env: dict[str, str]) -> None:
+def _install_api_xml(
+    src: Path, build_dir: Path, prefix: Path, log: Path, env: dict[str, str]
+) -> None:
     """libvirt-api.xml and friends, which libvirt-python is generated from.
 
     meson makes them only with docs enabled (which needs rst2html5); the
@@ -279,8 +350,12 @@ def _install_api_xml(src: Path, build_dir: Path, prefix: Path, log: Path,
     """
     out = build_dir / "docs"
     out.mkdir(exist_ok=True)
-    run_logged([sys.executable, str(src / "scripts" / "apibuild.py"), str(src / "docs"),
-                str(out)], log, env, "generate libvirt API XML")
+    run_logged(
+        [sys.executable, str(src / "scripts" / "apibuild.py"), str(src / "docs"), str(out)],
+        log,
+        env,
+        "generate libvirt API XML",
+    )
     api_dir = prefix / "share" / "libvirt" / "api"
     api_dir.mkdir(parents=True, exist_ok=True)
     for xml in out.glob("libvirt-*api.xml"):
@@ -301,8 +376,15 @@ def build(tree: Tree, *, jobs: int | None = None) -> Install:
     stamp = _read_stamp(prefix)
     if stamp and stamp.get("key") == key:
         say(f"{tree.project} ({tree.variant}): cache hit {prefix}")
-        return Install(tree.project, tree.variant, key, prefix, tree.path,
-                       stamp.get("timings", {}), cached=True)
+        return Install(
+            tree.project,
+            tree.variant,
+            key,
+            prefix,
+            tree.path,
+            stamp.get("timings", {}),
+            cached=True,
+        )
 
     build_dir = tree.build_dir
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -315,31 +397,52 @@ def build(tree: Tree, *, jobs: int | None = None) -> Install:
     (prefix / STAMP).unlink(missing_ok=True)
     if prefix.exists():
         shutil.rmtree(prefix)
-    say(f"building {tree.project} ({tree.variant}, {len(tree.patches)} patches) "
-        f"with {jobs} jobs; log: {log}")
+    say(
+        f"building {tree.project} ({tree.variant}, {len(tree.patches)} patches) "
+        f"with {jobs} jobs; log: {log}"
+    )
     timings["configure"] = run_logged(
         configure_command(tree.project, tree.path, build_dir, prefix),
-        log, env, f"configure {tree.project}", cwd=build_dir)
+        log,
+        env,
+        f"configure {tree.project}",
+        cwd=build_dir,
+    )
     if tree.project == "qemu":
-        timings["build"] = run_logged(["make", "-C", str(build_dir), f"-j{jobs}"],
-                                       log, env, "build qemu")
-        timings["install"] = run_logged(["make", "-C", str(build_dir), "install"],
-                                         log, env, "install qemu")
+        timings["build"] = run_logged(
+            ["make", "-C", str(build_dir), f"-j{jobs}"], log, env, "build qemu"
+        )
+        timings["install"] = run_logged(
+            ["make", "-C", str(build_dir), "install"], log, env, "install qemu"
+        )
         layout_firmware(build_dir, prefix / "share" / "qemu")
         install_test_programs(build_dir, prefix)
         layout_firmware(build_dir, bundle_datadir(build_dir, prefix))
     else:
-        timings["build"] = run_logged(["ninja", "-C", str(build_dir), f"-j{jobs}"],
-                                       log, env, "build libvirt")
-        timings["install"] = run_logged(["meson", "install", "-C", str(build_dir),
-                                          "--no-rebuild", "--quiet"],
-                                         log, env, "install libvirt")
+        timings["build"] = run_logged(
+            ["ninja", "-C", str(build_dir), f"-j{jobs}"], log, env, "build libvirt"
+        )
+        timings["install"] = run_logged(
+            ["meson", "install", "-C", str(build_dir), "--no-rebuild", "--quiet"],
+            log,
+            env,
+            "install libvirt",
+        )
         _install_api_xml(tree.path, build_dir, prefix, log, env)
-    (prefix / STAMP).write_text(json.dumps({
-        "key": key, "project": tree.project, "variant": tree.variant,
-        "base": tree.base.description, "patches": [p.name for p in tree.patches],
-        "timings": timings, "jobs": jobs, "built_at": time.time(),
-    }, indent=1))
-    say(f"{tree.project} ({tree.variant}) installed in {prefix} "
-        f"({sum(timings.values()):.0f} s)")
+    (prefix / STAMP).write_text(
+        json.dumps(
+            {
+                "key": key,
+                "project": tree.project,
+                "variant": tree.variant,
+                "base": tree.base.description,
+                "patches": [p.name for p in tree.patches],
+                "timings": timings,
+                "jobs": jobs,
+                "built_at": time.time(),
+            },
+            indent=1,
+        )
+    )
+    say(f"{tree.project} ({tree.variant}) installed in {prefix} ({sum(timings.values()):.0f} s)")
     return Install(tree.project, tree.variant, key, prefix, tree.path, timings)

@@ -13,6 +13,7 @@ Only the QEMU install prefix is needed (``<prefix>/bin/qemu-system-x86_64``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -60,9 +61,7 @@ CONTROL_SOAK_S = 3.0
 #: only writes, and its writes come with flushes (no write cache negotiated),
 #: so neither writes nor flushes can serve as the switch.
 _BLKDEBUG_SET_STATE = [{"event": "read_aio", "state": 1, "new_state": 2}]
-_BLKDEBUG_INJECT = [
-    {"event": "pwritev", "state": 2, "errno": 5, "once": False, "iotype": "write"}
-]
+_BLKDEBUG_INJECT = [{"event": "pwritev", "state": 2, "errno": 5, "once": False, "iotype": "write"}]
 
 
 class CheckError(Exception):
@@ -122,20 +121,32 @@ def second_qemu_opens_rw(
     the image to a virtio-blk device with the default share-rw=off, which
     takes QEMU's image locks exactly as a standby would; it is quit at once.
     """
-    blockdev = {"driver": fmt, "node-name": "standby0",
-                "file": {"driver": "file", "filename": str(image)}}  # fmt: skip
-    args = ["-S", "-machine", "pc", "-blockdev", json.dumps(blockdev),
-            "-device", "virtio-blk-pci,drive=standby0"]  # fmt: skip
+    blockdev = {
+        "driver": fmt,
+        "node-name": "standby0",
+        "file": {"driver": "file", "filename": str(image)},
+    }
+    args = [
+        "-S",
+        "-machine",
+        "pc",
+        "-blockdev",
+        json.dumps(blockdev),
+        "-device",
+        "virtio-blk-pci,drive=standby0",
+    ]
     if bios is not None:
         # Any firmware will do, it never runs; this one needs no -L dirs.
         args += ["-bios", str(bios)]
     log_dir = workdir / f"standby-{secrets.token_hex(3)}"
-    vm = VM(system_binary(prefix), args, name="standby", log_dir=log_dir, accel=accel,
-            console="none")  # fmt: skip
+    vm = VM(
+        system_binary(prefix), args, name="standby", log_dir=log_dir, accel=accel, console="none"
+    )
     try:
         with vm:
-            info = next(b for b in vm.cmd("query-named-block-nodes")
-                        if b.get("node-name") == "standby0")  # fmt: skip
+            info = next(
+                b for b in vm.cmd("query-named-block-nodes") if b.get("node-name") == "standby0"
+            )
             ok = info.get("ro") is False
             text = "opened read-write" if ok else f"opened read-only: {info}"
     except VMError as e:
@@ -303,16 +314,24 @@ def probe_args(
         # startup, which would otherwise arm the read-triggered rule.
         blk_dev += ",cyls=2,heads=16,secs=63"
     args = [
-        "-machine", "pc",
-        "-m", str(RAM_MB),
+        "-machine",
+        "pc",
+        "-m",
+        str(RAM_MB),
         *boot_args,
-        "-blockdev", json.dumps(blockdev),
-        "-device", blk_dev,
-        "-netdev", netdev,
-        "-device", f"virtio-net-pci,disable-modern=on,netdev={NETDEV_ID},id={NIC_ID},romfile=",
-        "-device", "pvpanic",
-        "-device", "ib700",
-    ]  # fmt: skip
+        "-blockdev",
+        json.dumps(blockdev),
+        "-device",
+        blk_dev,
+        "-netdev",
+        netdev,
+        "-device",
+        f"virtio-net-pci,disable-modern=on,netdev={NETDEV_ID},id={NIC_ID},romfile=",
+        "-device",
+        "pvpanic",
+        "-device",
+        "ib700",
+    ]
     for k, v in actions.items():
         args += ["-action", f"{k}={v}"]
     return args
@@ -362,9 +381,15 @@ def probe_rig(
         else:
             raise ValueError(f"unknown boot mode {boot!r}")
         args = probe_args(
-            boot_args, image, disk_format, netdev=net.netdev, actions=actions or {},
-            werror=werror, io_error_injection=io_error_injection, share_rw=share_rw,
-        )  # fmt: skip
+            boot_args,
+            image,
+            disk_format,
+            netdev=net.netdev,
+            actions=actions or {},
+            werror=werror,
+            io_error_injection=io_error_injection,
+            share_rw=share_rw,
+        )
         vm = VM(
             system_binary(prefix),
             [*args, *extra_args],
@@ -377,9 +402,20 @@ def probe_rig(
         stack.enter_context(vm)
         net.close_fds()  # QEMU holds its own copy of the tap fd now
         rig = Rig(
-            vm, prefix, workdir, image, disk_format, network, marker, net.listener,
-            net.capture, net.tap, accel=accel, bios=images.bios, share_rw=share_rw,
-        )  # fmt: skip
+            vm,
+            prefix,
+            workdir,
+            image,
+            disk_format,
+            network,
+            marker,
+            net.listener,
+            net.capture,
+            net.tap,
+            accel=accel,
+            bios=images.bios,
+            share_rw=share_rw,
+        )
         try:
             rig.wait_record(1, first_record_timeout)
         except VMError:
@@ -414,8 +450,11 @@ def guest_network(network: str) -> Iterator[GuestNetwork]:
     with contextlib.ExitStack() as stack:
         if network == "user":
             listener = stack.enter_context(netns.UdpListener("127.0.0.1"))
-            net = GuestNetwork(f"user,id={NETDEV_ID}", listener,
-                               {"dst_ip": netns.USER_NET_HOST_IP, "dst_port": listener.port})
+            net = GuestNetwork(
+                f"user,id={NETDEV_ID}",
+                listener,
+                {"dst_ip": netns.USER_NET_HOST_IP, "dst_port": listener.port},
+            )
         elif network == "tap":
             ns = stack.enter_context(netns.network_namespace())
             tap = ns.add_tap()
@@ -423,12 +462,19 @@ def guest_network(network: str) -> Iterator[GuestNetwork]:
             capture = stack.enter_context(netns.FrameCapture(tap))
             fd = tap.open_fd()
             net = GuestNetwork(
-                f"tap,id={NETDEV_ID},fd={fd}", listener,
-                {"src_ip": netns.TAP_GUEST_IP, "gateway": netns.TAP_HOST_IP,
-                 "dst_ip": netns.TAP_HOST_IP, "netmask": "255.255.255.0",
-                 "dst_port": listener.port},
-                capture, tap, [fd],
-            )  # fmt: skip
+                f"tap,id={NETDEV_ID},fd={fd}",
+                listener,
+                {
+                    "src_ip": netns.TAP_GUEST_IP,
+                    "gateway": netns.TAP_HOST_IP,
+                    "dst_ip": netns.TAP_HOST_IP,
+                    "netmask": "255.255.255.0",
+                    "dst_port": listener.port,
+                },
+                capture,
+                tap,
+                [fd],
+            )
         else:
             raise ValueError(f"unknown network {network!r}")
         stack.callback(net.close_fds)
@@ -543,8 +589,9 @@ def accelerator(vm: VM) -> str:
     return "kvm" if kvm.get("enabled") else "tcg"
 
 
-def memory_has(vm: VM, workdir: Path, needles: Sequence[bytes], *, ram_mb: int = RAM_MB,
-               paged: bool = False) -> dict[str, bool]:
+def memory_has(
+    vm: VM, workdir: Path, needles: Sequence[bytes], *, ram_mb: int = RAM_MB, paged: bool = False
+) -> dict[str, bool]:
     """Look for each needle in RAM through every read path a frozen VM keeps.
 
     ``pmemsave`` of all RAM and ``dump-guest-memory`` are searched for every
@@ -628,7 +675,7 @@ def write_attempts(rig: Rig) -> list[Attempt]:
         out.append(_attempt(vm, name, fn))
 
     for cmd in ("cont", "system_reset", "system_powerdown", "system_wakeup", "inject-nmi"):
-        add(cmd, lambda cmd=cmd: _cmd_refused(vm, cmd))
+        add(cmd, functools.partial(_cmd_refused, vm, cmd))
     add("hmp cont", lambda: _hmp_refused(vm, "cont"))
     add("blockdev-set-active", lambda: _cmd_refused(vm, "blockdev-set-active", {"active": True}))
     add(
@@ -650,7 +697,7 @@ def write_attempts(rig: Rig) -> list[Attempt]:
     # Block jobs and snapshots: each would write the image or a file next
     # to it (all listed in rig.write_targets, so their bytes are measured).
     for name, args in _block_write_commands(rig):
-        add(name, lambda name=name, args=args: _cmd_refused(vm, name, args))
+        add(name, functools.partial(_cmd_refused, vm, name, args))
     add("hmp qemu-io write", lambda: _hmp_io_write_refused(vm))
     add("hmp savevm", lambda: _hmp_refused(vm, "savevm frz-hmp"))
     add("netdev_add", lambda: _cmd_refused(vm, "netdev_add", {"type": "user", "id": "frzn1"}))
@@ -698,18 +745,37 @@ def _block_write_commands(rig: Rig) -> list[tuple[str, dict[str, Any]]]:
     overlay, dbackup = wd / "overlay.qcow2", wd / "drive-backup.raw"
     rig.write_targets += [p for p in (overlay, dbackup) if p not in rig.write_targets]
     return [
-        ("blockdev-mirror", {"job-id": "frz-mirror", "device": DISK_NODE, "target": "tgt1",
-                             "sync": "full"}),
-        ("drive-backup", {"job-id": "frz-dbackup", "device": DISK_NODE, "sync": "full",
-                          "target": str(dbackup), "format": "raw"}),
+        (
+            "blockdev-mirror",
+            {"job-id": "frz-mirror", "device": DISK_NODE, "target": "tgt1", "sync": "full"},
+        ),
+        (
+            "drive-backup",
+            {
+                "job-id": "frz-dbackup",
+                "device": DISK_NODE,
+                "sync": "full",
+                "target": str(dbackup),
+                "format": "raw",
+            },
+        ),
         ("block-commit", {"job-id": "frz-commit", "device": DISK_NODE}),
         ("block-stream", {"job-id": "frz-stream", "device": DISK_NODE}),
-        ("blockdev-snapshot-sync", {"node-name": DISK_NODE, "snapshot-file": str(overlay),
-                                    "snapshot-node-name": "frzsnap", "format": "qcow2"}),
-        ("snapshot-save", {"job-id": "frz-snapsave", "tag": "frz", "vmstate": DISK_NODE,
-                           "devices": [DISK_NODE]}),
+        (
+            "blockdev-snapshot-sync",
+            {
+                "node-name": DISK_NODE,
+                "snapshot-file": str(overlay),
+                "snapshot-node-name": "frzsnap",
+                "format": "qcow2",
+            },
+        ),
+        (
+            "snapshot-save",
+            {"job-id": "frz-snapsave", "tag": "frz", "vmstate": DISK_NODE, "devices": [DISK_NODE]},
+        ),
         ("block_resize", {"node-name": DISK_NODE, "size": 2 * IMAGE_SIZE}),
-    ]  # fmt: skip
+    ]
 
 
 def _hmp_io_write_refused(vm: VM) -> tuple[bool, str]:
@@ -736,16 +802,22 @@ def prepare_write_paths(rig: Rig) -> None:
     # tgt0/tgt1: targets for backup and mirror; spare0: a node (and a netdev)
     # no device uses yet, for device_add after the freeze.
     vm.cmd("netdev_add", {"type": "user", "id": "spare0"})
-    for node, name in (("tgt0", "backup-target.raw"), ("tgt1", "mirror-target.raw"),
-                       ("spare0", "spare.raw")):  # fmt: skip
+    for node, name in (
+        ("tgt0", "backup-target.raw"),
+        ("tgt1", "mirror-target.raw"),
+        ("spare0", "spare.raw"),
+    ):
         target = rig.workdir / name
         create_image(rig.prefix, target, "raw")
         rig.write_targets.append(target)
         vm.cmd(
             "blockdev-add",
-            {"driver": "raw", "node-name": node,
-             "file": {"driver": "file", "filename": str(target)}},
-        )  # fmt: skip
+            {
+                "driver": "raw",
+                "node-name": node,
+                "file": {"driver": "file", "filename": str(target)},
+            },
+        )
     rig.backup_target = rig.write_targets[0]
     vm.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(rig.nbd_socket)}}})
     if not rig.share_rw:
@@ -762,9 +834,12 @@ def _blockdev_add_refused(rig: Rig) -> tuple[bool, str]:
     return _cmd_refused(
         rig.vm,
         "blockdev-add",
-        {"driver": "raw", "node-name": "extra0",
-         "file": {"driver": "file", "filename": str(extra)}},
-    )  # fmt: skip
+        {
+            "driver": "raw",
+            "node-name": "extra0",
+            "file": {"driver": "file", "filename": str(extra)},
+        },
+    )
 
 
 def _backup_refused(rig: Rig) -> tuple[bool, str]:
@@ -1014,8 +1089,9 @@ def verify_frozen(rig: Rig, what: str, soak_s: float, *, control: bool = False) 
     lasts = [guest.last_record_tag(rig.marker, n) for n in (last, last + 1)]
     # A marker the guest never had: finding it would mean the search is void.
     decoy = guest.marker_tag(secrets.token_hex(8))
-    found = memory_has(vm, rig.workdir / "mem", [tag, *lasts, decoy], ram_mb=rig.ram_mb,
-                       paged=rig.paged)  # fmt: skip
+    found = memory_has(
+        vm, rig.workdir / "mem", [tag, *lasts, decoy], ram_mb=rig.ram_mb, paged=rig.paged
+    )
     decoy_key = decoy.decode()
     decoy_found = any(v for k, v in found.items() if k.endswith(decoy_key))
     found = {k: v for k, v in found.items() if not k.endswith(decoy_key)}
@@ -1043,9 +1119,15 @@ def verify_frozen(rig: Rig, what: str, soak_s: float, *, control: bool = False) 
         again = None if (not err.refused and err.alive and err.still_frozen) else err.message
         details.append(f"freeze again: {again or 'ok'}")
     # The whole table again, round after round, until the soak's end.
-    sk = soak(rig, max(0.0, soak_start + soak_s - time.monotonic()), freeze_wall, console_mark,
-              image_at_freeze, expect_status="frozen" if not control else status,
-              retry=lambda: write_attempts(rig))  # fmt: skip
+    sk = soak(
+        rig,
+        max(0.0, soak_start + soak_s - time.monotonic()),
+        freeze_wall,
+        console_mark,
+        image_at_freeze,
+        expect_status="frozen" if not control else status,
+        retry=lambda: write_attempts(rig),
+    )
     details += sk.notes
     soaked = time.monotonic() - soak_start
     details.append(f"soak: {soaked:.1f} s, {sk.rounds} rounds of retries after the attempts")
@@ -1079,9 +1161,11 @@ def verify_frozen(rig: Rig, what: str, soak_s: float, *, control: bool = False) 
     if final_status != "frozen":
         details.append(f"status at the end: {final_status}")
     refusals_held = (
-        all(a.held for a in attempts) and again is None and not sk.notes
+        all(a.held for a in attempts)
+        and again is None
+        and not sk.notes
         and final_status == "frozen"
-    )  # fmt: skip
+    )
     for a in attempts:
         if not a.held:
             details.append(f"NOT HELD {a.name}: {a.message} (alive={a.alive})")
@@ -1140,11 +1224,18 @@ def freeze_scenario(
     actions = control_actions(what) if control else trigger_actions(what)
     werror = ("stop" if control else "freeze") if io else None
     with probe_rig(
-        prefix, workdir, disk_format=disk_format, network=network,
+        prefix,
+        workdir,
+        disk_format=disk_format,
+        network=network,
         actions=actions if action_via == "cmdline" else {},
-        werror=werror, io_error_injection=io, accel=accel, firmware_dirs=firmware_dirs,
-        log_dir=log_dir, share_rw=share_rw,
-    ) as rig:  # fmt: skip
+        werror=werror,
+        io_error_injection=io,
+        accel=accel,
+        firmware_dirs=firmware_dirs,
+        log_dir=log_dir,
+        share_rw=share_rw,
+    ) as rig:
         try:
             if action_via == "qmp" and actions:
                 rig.vm.cmd("set-action", actions)
@@ -1225,18 +1316,35 @@ def verify_all(
         if progress:
             progress(f"verify: {what} ({fmt} disk, {net} networking, action via {via}, {accel})")
         if gaps and not partial:
-            r = FreezeResult(what, accel, False, -1, -1, False, False, control=control,
-                             details=[f"error: cannot prove: {g} (--partial runs the rest)"
-                                      for g in gaps])  # fmt: skip
+            r = FreezeResult(
+                what,
+                accel,
+                False,
+                -1,
+                -1,
+                False,
+                False,
+                control=control,
+                details=[f"error: cannot prove: {g} (--partial runs the rest)" for g in gaps],
+            )
         else:
             try:
                 r = freeze_scenario(
-                    prefix, base / what, what, disk_format=fmt, network=net, soak_s=soak_s,
-                    accel=accel, firmware_dirs=firmware_dirs, action_via=via, control=control,
-                )  # fmt: skip
+                    prefix,
+                    base / what,
+                    what,
+                    disk_format=fmt,
+                    network=net,
+                    soak_s=soak_s,
+                    accel=accel,
+                    firmware_dirs=firmware_dirs,
+                    action_via=via,
+                    control=control,
+                )
             except (CheckError, VMError, OSError, TimeoutError, subprocess.SubprocessError) as e:
-                r = FreezeResult(what, accel, False, -1, -1, False, False, [f"error: {e}"],
-                                 control=control)  # fmt: skip
+                r = FreezeResult(
+                    what, accel, False, -1, -1, False, False, [f"error: {e}"], control=control
+                )
             r.not_proven = gaps
         r.details.insert(0, f"disk={fmt} network={net} action={via} workdir={base / what}")
         results.append(r)
@@ -1261,17 +1369,34 @@ def verdict_ok(r: FreezeResult) -> bool:
 
 def format_table(results: Sequence[FreezeResult]) -> str:
     """The short verification table the CLI prints, and what was not proven."""
-    head = ("trigger", "accel", "memory kept", "bytes after", "packets after",
-            "ran again", "lock released", "refusals held", "verdict")  # fmt: skip
+    head = (
+        "trigger",
+        "accel",
+        "memory kept",
+        "bytes after",
+        "packets after",
+        "ran again",
+        "lock released",
+        "refusals held",
+        "verdict",
+    )
     rows = [
-        (r.trigger + (" (stock control)" if r.control else ""), r.accelerator,
-         _yn(r.memory_kept), _count(r.bytes_written_after_freeze),
-         _count(r.packets_after_freeze), str(r.records_after_freeze), _yn(r.lock_released),
-         _yn(r.refusals_held), verdict(r))
+        (
+            r.trigger + (" (stock control)" if r.control else ""),
+            r.accelerator,
+            _yn(r.memory_kept),
+            _count(r.bytes_written_after_freeze),
+            _count(r.packets_after_freeze),
+            str(r.records_after_freeze),
+            _yn(r.lock_released),
+            _yn(r.refusals_held),
+            verdict(r),
+        )
         for r in results
-    ]  # fmt: skip
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(head)]  # fmt: skip
+    ]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)
+    ]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     for r in results:

@@ -1,15 +1,15 @@
 """Command line: `frozen <command>` (also `python -m harness <command>`).
 
-    fetch     download and verify the pinned base sources
-    apply     make a work tree with the series applied (one commit per patch)
-    refresh   regenerate patches/<project> from the work tree's commits
-    build     build and install QEMU and libvirt (cached by content)
-    verify    boot the probe guest on KVM, freeze it by every trigger, print a table
-    all       fetch, apply, build, verify: the packager's proof
-    test      the project's test suite (what CI runs)
-    export    the series for Debian (DEP-3), RPM (spec snippet) or the list (mail)
-    check     the gates: commit shape, checkpatch, syntax-check, Debian tree, bisect,
-              QEMU's own suites stock against frozen
+fetch     download and verify the pinned base sources
+apply     make a work tree with the series applied (one commit per patch)
+refresh   regenerate patches/<project> from the work tree's commits
+build     build and install QEMU and libvirt (cached by content)
+verify    boot the probe guest on KVM, freeze it by every trigger, print a table
+all       fetch, apply, build, verify: the packager's proof
+test      the project's test suite (what CI runs)
+export    the series for Debian (DEP-3), RPM (spec snippet) or the list (mail)
+check     the gates: commit shape, checkpatch, syntax-check, Debian tree, bisect,
+          QEMU's own suites stock against frozen
 """
 
 from __future__ import annotations
@@ -24,17 +24,26 @@ from harness.progress import say
 
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--qemu-src", type=Path, metavar="PATH",
-                        help="local QEMU tarball or git tree to use as the base")
-    parser.add_argument("--libvirt-src", type=Path, metavar="PATH",
-                        help="local libvirt tarball or git tree to use as the base")
+    parser.add_argument(
+        "--qemu-src",
+        type=Path,
+        metavar="PATH",
+        help="local QEMU tarball or git tree to use as the base",
+    )
+    parser.add_argument(
+        "--libvirt-src",
+        type=Path,
+        metavar="PATH",
+        help="local libvirt tarball or git tree to use as the base",
+    )
 
 
 def _add_build_args(parser: argparse.ArgumentParser) -> None:
     """Options of every command that may build."""
     parser.add_argument("--jobs", type=int, help="parallel build jobs (default: all cores)")
-    parser.add_argument("--force", action="store_true",
-                        help="discard work-tree changes that are not in the series")
+    parser.add_argument(
+        "--force", action="store_true", help="discard work-tree changes that are not in the series"
+    )
     _add_source_args(parser)
 
 
@@ -54,8 +63,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    tree = patches.prepare(args.project, args.variant, local=_local(args, args.project),
-                           path=args.tree, force=args.force)
+    tree = patches.prepare(
+        args.project,
+        args.variant,
+        local=_local(args, args.project),
+        path=args.tree,
+        force=args.force,
+    )
     print(tree.path)
     return 0
 
@@ -74,8 +88,9 @@ def build_all(args: argparse.Namespace) -> dict[tuple[str, str], build.Install]:
     installs = {}
     for project, variant in wanted:
         start = time.monotonic()
-        tree = patches.prepare(project, variant, local=_local(args, project),
-                               force=getattr(args, "force", False))
+        tree = patches.prepare(
+            project, variant, local=_local(args, project), force=getattr(args, "force", False)
+        )
         install = build.build(tree, jobs=getattr(args, "jobs", None))
         installs[(project, variant)] = install
         say(f"{project} ({variant}) ready in {time.monotonic() - start:.1f} s: {install.prefix}")
@@ -93,8 +108,9 @@ def cmd_verify(args: argparse.Namespace, installs=None) -> int:
 
     installs = installs or build_all(argparse.Namespace(**{**vars(args), "project": "qemu"}))
     partial = getattr(args, "partial", False) or checks.partial_run()
-    return verify_prefixes(installs[("qemu", "frozen")].prefix,
-                           installs[("qemu", "stock")].prefix, partial)
+    return verify_prefixes(
+        installs[("qemu", "frozen")].prefix, installs[("qemu", "stock")].prefix, partial
+    )
 
 
 def verify_prefixes(frozen: Path, stock: Path, partial: bool) -> int:
@@ -103,8 +119,9 @@ def verify_prefixes(frozen: Path, stock: Path, partial: bool) -> int:
     from harness import checks
 
     results = checks.verify_all(frozen, partial=partial, progress=say)
-    results += checks.verify_all(stock, partial=partial, soak_s=checks.CONTROL_SOAK_S,
-                                 control=True, progress=say)
+    results += checks.verify_all(
+        stock, partial=partial, soak_s=checks.CONTROL_SOAK_S, control=True, progress=say
+    )
     print(checks.format_table(results))
     for r in results:
         if not checks.verdict_ok(r):
@@ -143,14 +160,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         frozen = args.frozen_prefix or installs[("qemu", "frozen")].prefix
     sections = [s for s in args.sections if s != "builds" or not args.no_builds]
     result, out_dir = bench.run(
-        stock, frozen, reps=args.reps, sections=sections, sizes=tuple(args.sizes),
-        disks=tuple(args.disks), nics=tuple(args.nics), formats=tuple(args.formats),
-        loads=tuple(args.loads), load_mb=args.load_mb, speed_mb=args.speed_mb,
-        steady_s=args.steady_s, trace=args.trace, strace=args.strace, out_dir=args.out,
+        stock,
+        frozen,
+        reps=args.reps,
+        sections=sections,
+        sizes=tuple(args.sizes),
+        disks=tuple(args.disks),
+        nics=tuple(args.nics),
+        formats=tuple(args.formats),
+        loads=tuple(args.loads),
+        load_mb=args.load_mb,
+        speed_mb=args.speed_mb,
+        steady_s=args.steady_s,
+        trace=args.trace,
+        strace=args.strace,
+        out_dir=args.out,
     )
     print(bench.table(result))
-    print(f"\nresults: {out_dir / 'bench.json'}\nplot:    {out_dir / 'bench.png'}"
-          f"\nREADME:  {out_dir / 'README-table.md'}")
+    print(
+        f"\nresults: {out_dir / 'bench.json'}\nplot:    {out_dir / 'bench.png'}"
+        f"\nREADME:  {out_dir / 'README-table.md'}"
+    )
     return 0
 
 
@@ -159,8 +189,9 @@ def parser() -> argparse.ArgumentParser:
     # bench (matplotlib etc.) for every command.
     bench_sections = ["idle", "scaling", "memory", "load", "failover", "steady", "builds"]
     bench_loads = ["mirror-throttled", "mirror", "backup", "writes"]
-    top = argparse.ArgumentParser(prog="frozen", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="frozen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download and verify the pinned sources")
@@ -171,8 +202,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--project", choices=config.PROJECTS, required=True)
     p.add_argument("--variant", choices=patches.VARIANTS, default="frozen")
     p.add_argument("--tree", type=Path, help="work tree location (default: in the cache)")
-    p.add_argument("--force", action="store_true",
-                   help="discard commits and changes in the tree that are not in the series")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="discard commits and changes in the tree that are not in the series",
+    )
     _add_source_args(p)
     p.set_defaults(func=cmd_apply)
 
@@ -181,48 +215,107 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", type=Path, help="work tree location (default: in the cache)")
     p.set_defaults(func=cmd_refresh)
 
-    for name, func, text in (("build", cmd_build, "build and install (cached)"),
-                             ("verify", cmd_verify, "freeze the probe guest on KVM"),
-                             ("all", cmd_all, "fetch, apply, build, verify"),
-                             ("test", cmd_test, "run the project's test suite")):
+    for name, func, text in (
+        ("build", cmd_build, "build and install (cached)"),
+        ("verify", cmd_verify, "freeze the probe guest on KVM"),
+        ("all", cmd_all, "fetch, apply, build, verify"),
+        ("test", cmd_test, "run the project's test suite"),
+    ):
         p = sub.add_parser(name, help=text)
         if name == "build":
             p.add_argument("--project", choices=config.BUILT_PROJECTS)
         else:
-            p.add_argument("--partial", action="store_true",
-                           help="where this host lacks KVM or network namespaces, run what "
-                                "can run and report the rest as not proven (else: FAIL)")
+            p.add_argument(
+                "--partial",
+                action="store_true",
+                help="where this host lacks KVM or network namespaces, run what "
+                "can run and report the rest as not proven (else: FAIL)",
+            )
         _add_build_args(p)
         p.set_defaults(func=func)
     p = sub.add_parser("bench", help="benchmarks: freeze against the stock alternatives")
     p.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
-    p.add_argument("--sections", nargs="+", choices=bench_sections, default=bench_sections,
-                   metavar="SECTION", help=f"what to run (default all: {' '.join(bench_sections)})")
-    p.add_argument("--sizes", type=int, nargs="+", metavar="MB",
-                   default=[512, 2048, 4096, 8192], help="guest RAM sizes for the memory curve")
-    p.add_argument("--disks", type=int, nargs="+", default=[1, 8, 24], metavar="N",
-                   help="disk counts for the scaling section (default 1 8 24)")
-    p.add_argument("--nics", type=int, nargs="+", default=[1, 4], metavar="N",
-                   help="NIC counts for the scaling section (default 1 4)")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=bench_sections,
+        default=bench_sections,
+        metavar="SECTION",
+        help=f"what to run (default all: {' '.join(bench_sections)})",
+    )
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        metavar="MB",
+        default=[512, 2048, 4096, 8192],
+        help="guest RAM sizes for the memory curve",
+    )
+    p.add_argument(
+        "--disks",
+        type=int,
+        nargs="+",
+        default=[1, 8, 24],
+        metavar="N",
+        help="disk counts for the scaling section (default 1 8 24)",
+    )
+    p.add_argument(
+        "--nics",
+        type=int,
+        nargs="+",
+        default=[1, 4],
+        metavar="N",
+        help="NIC counts for the scaling section (default 1 4)",
+    )
     p.add_argument("--formats", nargs="+", choices=["raw", "qcow2"], default=["raw", "qcow2"])
-    p.add_argument("--loads", nargs="+", default=list(bench_loads), choices=bench_loads,
-                   metavar="LOAD", help=f"load states (default {' '.join(bench_loads)})")
-    p.add_argument("--load-mb", type=int, default=512, metavar="MIB",
-                   help="size of the image the mirror/backup jobs copy (default 512)")
-    p.add_argument("--speed-mb", type=int, default=200, metavar="MIB_S",
-                   help="speed limit of the throttled mirror and the backup (default 200)")
-    p.add_argument("--steady-s", type=float, default=60.0, metavar="S",
-                   help="window of the steady-state CPU measurement (default 60)")
+    p.add_argument(
+        "--loads",
+        nargs="+",
+        default=list(bench_loads),
+        choices=bench_loads,
+        metavar="LOAD",
+        help=f"load states (default {' '.join(bench_loads)})",
+    )
+    p.add_argument(
+        "--load-mb",
+        type=int,
+        default=512,
+        metavar="MIB",
+        help="size of the image the mirror/backup jobs copy (default 512)",
+    )
+    p.add_argument(
+        "--speed-mb",
+        type=int,
+        default=200,
+        metavar="MIB_S",
+        help="speed limit of the throttled mirror and the backup (default 200)",
+    )
+    p.add_argument(
+        "--steady-s",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="window of the steady-state CPU measurement (default 60)",
+    )
     p.add_argument("--stock-prefix", type=Path, help="stock QEMU install (default: build/cache)")
     p.add_argument("--frozen-prefix", type=Path, help="frozen QEMU install (default: build/cache)")
     p.add_argument("--out", type=Path, help="result directory (default: in the cache)")
-    p.add_argument("--trace", nargs="+", default=[], metavar="PATTERN",
-                   help="QEMU trace events to log in each VM's qemu.log (e.g. 'job_*')")
-    p.add_argument("--strace", action="store_true",
-                   help="diagnostic: strace QEMU's sync/lock/write syscalls around each command "
-                        "(slows them down: not for figures)")
-    p.add_argument("--table", type=Path, metavar="JSON",
-                   help="print the README table of a bench.json and exit")
+    p.add_argument(
+        "--trace",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="QEMU trace events to log in each VM's qemu.log (e.g. 'job_*')",
+    )
+    p.add_argument(
+        "--strace",
+        action="store_true",
+        help="diagnostic: strace QEMU's sync/lock/write syscalls around each command "
+        "(slows them down: not for figures)",
+    )
+    p.add_argument(
+        "--table", type=Path, metavar="JSON", help="print the README table of a bench.json and exit"
+    )
     p.add_argument("--no-builds", action="store_true", help="skip the build timings")
     _add_build_args(p)
     p.set_defaults(func=cmd_bench)
@@ -248,15 +341,22 @@ def _print_outcomes(title: str, outcomes: list[distro.Outcome]) -> None:
 def _export_debian(args: argparse.Namespace) -> int:
     files = patches.series(args.project)
     written = export.export_debian(files, args.dir, args.forwarded)
-    print(f"{len(written)} DEP-3 patch(es) in {args.dir / export.DEBIAN_SUBDIR}, "
-          f"series fragment {args.dir / 'series'}")
+    print(
+        f"{len(written)} DEP-3 patch(es) in {args.dir / export.DEBIAN_SUBDIR}, "
+        f"series fragment {args.dir / 'series'}"
+    )
     if args.no_verify:
         return 0
     check = export.verify_debian(args.project, args.dir)
-    _print_outcomes(f"quilt push -a --fuzz=0 on the Debian source tree of {args.project}: "
-                    f"Debian's {check.debian_patches} patches, then ours:", check.ours)
-    print(f"quilt applied {len(check.applied)} patches "
-          f"({check.debian_patches} Debian + {len(check.applied) - check.debian_patches} ours)")
+    _print_outcomes(
+        f"quilt push -a --fuzz=0 on the Debian source tree of {args.project}: "
+        f"Debian's {check.debian_patches} patches, then ours:",
+        check.ours,
+    )
+    print(
+        f"quilt applied {len(check.applied)} patches "
+        f"({check.debian_patches} Debian + {len(check.applied) - check.debian_patches} ours)"
+    )
     return 0 if check.ok else 1
 
 
@@ -267,8 +367,9 @@ def _export_rpm(args: argparse.Namespace) -> int:
     if args.no_verify:
         return 0
     outcomes = export.verify_rpm(args.project, args.dir)
-    _print_outcomes(f"patch -p1 --fuzz=0 in spec order on the pinned {args.project} "
-                    f"orig tarball:", outcomes)
+    _print_outcomes(
+        f"patch -p1 --fuzz=0 in spec order on the pinned {args.project} orig tarball:", outcomes
+    )
     return 0 if len(outcomes) == len(files) and all(o.ok for o in outcomes) else 1
 
 
@@ -277,24 +378,35 @@ def latest_test_summary() -> str:
     from harness import suite
 
     root = config.cache_root() / "results"
-    runs = sorted(p for p in root.glob("*") if p.is_dir() and any(p.glob("*.xml"))) \
-        if root.is_dir() else []
+    runs = (
+        sorted(p for p in root.glob("*") if p.is_dir() and any(p.glob("*.xml")))
+        if root.is_dir()
+        else []
+    )
     if not runs:
         return ""
     lines = [f"`frozen test` results of run {runs[-1].name} on the exporting machine:"]
     for xml in sorted(runs[-1].glob("*.xml")):
         counts = suite.junit_counts(xml)
-        lines.append(f"- {xml.stem}: {counts.passed} passed, {counts.failed} failed, "
-                     f"{counts.skipped} skipped")
+        lines.append(
+            f"- {xml.stem}: {counts.passed} passed, {counts.failed} failed, "
+            f"{counts.skipped} skipped"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _export_mail(args: argparse.Namespace) -> int:
     export.parse_signoff(args.signoff)  # refuse before any work
     tree = patches.prepare(args.project, "frozen", local=_local(args, args.project))
-    result = export.export_mail(args.project, tree.path, args.dir, signoff=args.signoff,
-                                version=args.reroll_count, onto=args.onto,
-                                proof=latest_test_summary())
+    result = export.export_mail(
+        args.project,
+        tree.path,
+        args.dir,
+        signoff=args.signoff,
+        version=args.reroll_count,
+        onto=args.onto,
+        proof=latest_test_summary(),
+    )
     print(f"{len(result.files)} mail(s) in {args.dir} (cover letter included)")
     print(f"To: {', '.join(result.recipients.to)}  (from {result.recipients.source})")
     if result.recipients.cc:
@@ -307,9 +419,11 @@ def _export_mail(args: argparse.Namespace) -> int:
         for rb in result.rebase:
             print(f"  {rb.patch}: {rb.status}" + (f"\n    {rb.detail}" if rb.detail else ""))
     check = export.verify_mail(tree.path, result.files, args.signoff)
-    print(f"git am onto the base: {check.applied} applied, {check.signed} carry your "
-          f"Signed-off-by last, result {'equals' if check.same_tree else 'DIFFERS from'} "
-          f"the series tree")
+    print(
+        f"git am onto the base: {check.applied} applied, {check.signed} carry your "
+        f"Signed-off-by last, result {'equals' if check.same_tree else 'DIFFERS from'} "
+        f"the series tree"
+    )
     ok = check.same_tree and check.signed == check.applied == len(result.files) - 1
     # The mails are written either way, but a failed gate must not go unnoticed.
     return 0 if ok and not failed_gates else 1
@@ -331,10 +445,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     for project in _projects(args):
         for gate in args.gate or gates.GATES:
             start = time.monotonic()
-            found = gates.run_gate(project, gate, local=_local(args, project),
-                                   jobs=args.jobs)
-            say(f"{project}: gate {gate}: {sum(r.ok for r in found)}/{len(found)} passed "
-                f"({time.monotonic() - start:.0f} s)")
+            found = gates.run_gate(project, gate, local=_local(args, project), jobs=args.jobs)
+            say(
+                f"{project}: gate {gate}: {sum(r.ok for r in found)}/{len(found)} passed "
+                f"({time.monotonic() - start:.0f} s)"
+            )
             results += found
     for r in results:
         mark = "skip" if r.skipped else "ok  " if r.ok else "FAIL"
@@ -350,33 +465,59 @@ def add_packaging_commands(sub: argparse._SubParsersAction) -> None:
     d = formats.add_parser("debian", help="DEP-3 patches + series fragment, checked with quilt")
     d.add_argument("--forwarded", default="no", help="DEP-3 Forwarded: value (default: no)")
     r = formats.add_parser("rpm", help="patch files + PatchNNNN: spec snippet, checked with patch")
-    r.add_argument("--first", type=int, default=export.RPM_FIRST,
-                   help=f"number of the first PatchNNNN: line (default {export.RPM_FIRST})")
+    r.add_argument(
+        "--first",
+        type=int,
+        default=export.RPM_FIRST,
+        help=f"number of the first PatchNNNN: line (default {export.RPM_FIRST})",
+    )
     m = formats.add_parser("mail", help="git format-patch --cover-letter for the list")
-    m.add_argument("--signoff", metavar='"NAME <EMAIL>"',
-                   help="your Signed-off-by, appended to every patch (required)")
-    m.add_argument("-v", "--reroll-count", type=int, default=1, metavar="N",
-                   help="series version, as git format-patch -v N")
-    m.add_argument("--onto", type=Path, metavar="PATH",
-                   help="upstream git tree: report how each patch applies to its HEAD")
+    m.add_argument(
+        "--signoff",
+        metavar='"NAME <EMAIL>"',
+        help="your Signed-off-by, appended to every patch (required)",
+    )
+    m.add_argument(
+        "-v",
+        "--reroll-count",
+        type=int,
+        default=1,
+        metavar="N",
+        help="series version, as git format-patch -v N",
+    )
+    m.add_argument(
+        "--onto",
+        type=Path,
+        metavar="PATH",
+        help="upstream git tree: report how each patch applies to its HEAD",
+    )
     _add_source_args(m)
     for q in (d, r, m):
         q.add_argument("--project", choices=config.BUILT_PROJECTS, required=True)
         q.add_argument("dir", type=Path, metavar="DIR", help="output directory")
         if q is not m:
-            q.add_argument("--no-verify", action="store_true",
-                           help="skip applying the export with the consuming tool")
+            q.add_argument(
+                "--no-verify",
+                action="store_true",
+                help="skip applying the export with the consuming tool",
+            )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("check", help="gates: commit shape, checkpatch / syntax-check, "
-                                     "Debian tree, bisect")
+    p = sub.add_parser(
+        "check", help="gates: commit shape, checkpatch / syntax-check, Debian tree, bisect"
+    )
     p.add_argument("--project", choices=config.BUILT_PROJECTS)
-    p.add_argument("--gate", action="append", choices=gates.GATES,
-                   help="run only this gate (repeatable; default: all)")
+    p.add_argument(
+        "--gate",
+        action="append",
+        choices=gates.GATES,
+        help="run only this gate (repeatable; default: all)",
+    )
     p.add_argument("--jobs", type=int, help="parallel build jobs for the bisect gate")
     p.add_argument("--junit", type=Path, metavar="FILE", help="also write JUnit XML here")
     _add_source_args(p)
     p.set_defaults(func=cmd_check)
+
 
 # end of export and check
 # --------------------------------------------------------------------------
@@ -386,8 +527,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (sources.SourceError, config.LockError, patches.SeriesError, patches.PatchError,
-            patches.TreeBusy, build.BuildError) as exc:
+    except (
+        sources.SourceError,
+        config.LockError,
+        patches.SeriesError,
+        patches.PatchError,
+        patches.TreeBusy,
+        build.BuildError,
+    ) as exc:
         print(f"frozen: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

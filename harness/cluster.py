@@ -359,11 +359,16 @@ def parse_crm_mon_xml(text: str) -> ClusterStatus:
     )
     resources = tuple(
         ResourceStatus(
-            id=r.get("id", ""), agent=r.get("resource_agent", ""), role=r.get("role", ""),
-            active=r.get("active") == "true", failed=r.get("failed") == "true",
+            id=r.get("id", ""),
+            agent=r.get("resource_agent", ""),
+            role=r.get("role", ""),
+            active=r.get("active") == "true",
+            failed=r.get("failed") == "true",
             blocked=r.get("blocked") == "true",
-            nodes=tuple(n.get("name", "") for n in r.iterfind("node")))
-        for r in root.iter("resource"))  # fmt: skip
+            nodes=tuple(n.get("name", "") for n in r.iterfind("node")),
+        )
+        for r in root.iter("resource")
+    )
     failures = tuple(dict(f.attrib) for f in root.iterfind("./failures/failure"))
     return ClusterStatus(nodes, resources, failures)
 

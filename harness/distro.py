@@ -66,8 +66,10 @@ class DebianTree:
 # GNU patch output (quilt runs patch, rpm's %autosetup runs patch)
 
 _FILE_RE = re.compile(r"^patching file '?([^'\n]+)'?$", re.M)
-_OFFSET_RE = re.compile(r"^Hunk #(\d+) succeeded at (\d+)(?: with fuzz (\d+))?"
-                        r"(?: \(offset (-?\d+) lines?\))?\.$")
+_OFFSET_RE = re.compile(
+    r"^Hunk #(\d+) succeeded at (\d+)(?: with fuzz (\d+))?"
+    r"(?: \(offset (-?\d+) lines?\))?\.$"
+)
 _FAILED_RE = re.compile(r"^Hunk #(\d+) FAILED at (\d+)", re.M)
 
 
@@ -88,8 +90,7 @@ def read_patch_output(name: str, output: str, rc: int) -> Outcome:
             offsets.append(f"{current}: hunk #{hunk.group(1)} offset {hunk.group(4)}")
         failed = _FAILED_RE.match(line)
         if failed:
-            problems.append(f"{current}: hunk #{failed.group(1)} FAILED at line "
-                            f"{failed.group(2)}")
+            problems.append(f"{current}: hunk #{failed.group(1)} FAILED at line {failed.group(2)}")
     ok = rc == 0 and not problems
     if not ok and not problems:
         problems = [ln for ln in output.strip().splitlines()[-10:]]
@@ -104,9 +105,21 @@ def patch_in_order(tree: Path, files: list[Path]) -> list[Outcome]:
     outcomes = []
     for path in files:
         proc = subprocess.run(
-            ["patch", "-p1", "--fuzz=0", "--batch", "--forward", "--no-backup-if-mismatch",
-             "-d", str(tree), "-i", str(path.resolve())],
-            capture_output=True, text=True)
+            [
+                "patch",
+                "-p1",
+                "--fuzz=0",
+                "--batch",
+                "--forward",
+                "--no-backup-if-mismatch",
+                "-d",
+                str(tree),
+                "-i",
+                str(path.resolve()),
+            ],
+            capture_output=True,
+            text=True,
+        )
         outcome = read_patch_output(path.name, proc.stdout + proc.stderr, proc.returncode)
         outcomes.append(outcome)
         if not outcome.ok:
@@ -121,8 +134,9 @@ def patch_in_order(tree: Path, files: list[Path]) -> list[Outcome]:
 def _quilt(tree: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "QUILT_PATCHES": QUILT_PATCHES, "QUILT_PC": ".pc", "LC_ALL": "C"}
     # No ~/.quiltrc: the result must not depend on who runs it.
-    return subprocess.run(["quilt", "--quiltrc=/dev/null", *args], cwd=tree, env=env,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        ["quilt", "--quiltrc=/dev/null", *args], cwd=tree, env=env, capture_output=True, text=True
+    )
 
 
 def quilt_push_all(tree: Path) -> list[Outcome]:
@@ -155,8 +169,9 @@ def debsrc_path(project: str) -> Path:
 
 
 def _git(tree: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(tree), *args], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(tree), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _key(base: sources.Base) -> str:
@@ -189,23 +204,35 @@ def debian_tree(project: str) -> DebianTree:
     # dpkg-source unpacks it); Debian's fix-ups come with its whole series
     # below, not as the harness's separate commit.
     sources.make_tree(dataclasses.replace(base, fixups=(), untracked=()), path)
-    subprocess.run(["tar", "-xf", str(base.debian), "-C", str(path), "--no-same-owner"],
-                   check=True)
+    subprocess.run(["tar", "-xf", str(base.debian), "-C", str(path), "--no-same-owner"], check=True)
     _git(path, "add", "--all", "--force", ".")
     _git(path, "commit", "--quiet", "--no-verify", "-m", f"debian/ from {base.debian.name}")
     outcomes = quilt_push_all(path)
     bad = [o for o in outcomes if not o.ok]
     if bad:
-        raise DistroError(f"Debian's own series of {project} does not apply with fuzz 0: "
-                          f"{bad[0].patch}\n{bad[0].detail}")
+        raise DistroError(
+            f"Debian's own series of {project} does not apply with fuzz 0: "
+            f"{bad[0].patch}\n{bad[0].detail}"
+        )
     _git(path, "add", "--all", "--force", ".")
-    _git(path, "commit", "--quiet", "--no-verify", "-m",
-         f"Debian series applied ({len(outcomes)} patches)")
+    _git(
+        path,
+        "commit",
+        "--quiet",
+        "--no-verify",
+        "-m",
+        f"Debian series applied ({len(outcomes)} patches)",
+    )
     _git(path, "tag", "-f", "debian")
-    (path / ".git" / STAMP_FILE).write_text(json.dumps({
-        "key": key,
-        "debian": [{"patch": o.patch, "offsets": list(o.offsets)} for o in outcomes],
-    }, indent=1))
+    (path / ".git" / STAMP_FILE).write_text(
+        json.dumps(
+            {
+                "key": key,
+                "debian": [{"patch": o.patch, "offsets": list(o.offsets)} for o in outcomes],
+            },
+            indent=1,
+        )
+    )
     return DebianTree(project, path, tuple(outcomes))
 
 
@@ -237,8 +264,10 @@ def push_ours(tree: DebianTree, entries: list[tuple[str, Path]]) -> list[Outcome
     applied = quilt_applied(tree.path)
     expected = [o.patch for o in tree.debian_patches] + [line for line, _ in entries]
     if all(o.ok for o in outcomes) and applied != expected:
-        raise DistroError(f"quilt reports {len(applied)} applied patches, expected "
-                          f"{len(expected)} (Debian's and ours)")
+        raise DistroError(
+            f"quilt reports {len(applied)} applied patches, expected "
+            f"{len(expected)} (Debian's and ours)"
+        )
     return outcomes
 
 

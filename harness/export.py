@@ -73,8 +73,14 @@ def read_patch(path: Path) -> PatchFile:
         raise ExportError(f"{path.name}: no '---' line between message and diff")
     # format-patch's signature ("-- \n2.39.5") is mail decoration, not patch.
     diff = re.sub(r"\n-- \n[^\n]*\n*\Z", "\n", diff)
-    return PatchFile(path, _header(message, "From"), email.utils.parsedate_to_datetime(date_text),
-                     subject, body.strip("\n"), diff)
+    return PatchFile(
+        path,
+        _header(message, "From"),
+        email.utils.parsedate_to_datetime(date_text),
+        subject,
+        body.strip("\n"),
+        diff,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -86,8 +92,11 @@ def dep3_header(patch: PatchFile, forwarded: str = "no") -> str:
     lines = [f"Description: {patch.subject}"]
     for line in patch.message.splitlines():
         lines.append(f" {line}" if line.strip() else " .")
-    lines += [f"Author: {patch.author}", f"Forwarded: {forwarded}",
-              f"Last-Update: {patch.date.strftime('%Y-%m-%d')}"]
+    lines += [
+        f"Author: {patch.author}",
+        f"Forwarded: {forwarded}",
+        f"Last-Update: {patch.date.strftime('%Y-%m-%d')}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -124,8 +133,9 @@ class DebianCheck:
 
     @property
     def ok(self) -> bool:
-        return all(o.ok for o in self.ours) and len(self.applied) == \
-            self.debian_patches + len(self.ours)
+        return all(o.ok for o in self.ours) and len(self.applied) == self.debian_patches + len(
+            self.ours
+        )
 
 
 def verify_debian(project: str, out_dir: Path) -> DebianCheck:
@@ -146,22 +156,24 @@ def verify_debian(project: str, out_dir: Path) -> DebianCheck:
 
 def spec_snippet(names: list[str], project: str, first: int = RPM_FIRST) -> str:
     """`PatchNNNN:` lines in series order; %autosetup -p1 applies them by number."""
-    lines = [f"# Frozen series for {project}: {len(names)} patch(es), `frozen export rpm`.",
-             "# Paste into the spec preamble; `%autosetup -p1` applies them in number",
-             "# order, after patches with lower numbers."]
+    lines = [
+        f"# Frozen series for {project}: {len(names)} patch(es), `frozen export rpm`.",
+        "# Paste into the spec preamble; `%autosetup -p1` applies them in number",
+        "# order, after patches with lower numbers.",
+    ]
     lines += [f"Patch{first + i:04d}: {name}" for i, name in enumerate(names)]
     return "\n".join(lines) + "\n"
 
 
 def parse_spec_snippet(text: str) -> list[str]:
     """Patch file names of a spec snippet, in the order rpm applies them."""
-    numbered = [(int(m.group(1)), m.group(2))
-                for m in re.finditer(r"^Patch(\d+):\s*(\S+)\s*$", text, re.M)]
+    numbered = [
+        (int(m.group(1)), m.group(2)) for m in re.finditer(r"^Patch(\d+):\s*(\S+)\s*$", text, re.M)
+    ]
     return [name for _, name in sorted(numbered)]
 
 
-def export_rpm(files: list[Path], out_dir: Path, project: str,
-               first: int = RPM_FIRST) -> Path:
+def export_rpm(files: list[Path], out_dir: Path, project: str, first: int = RPM_FIRST) -> Path:
     """The patch files unchanged plus the spec snippet; returns the snippet."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.patch"):
@@ -201,8 +213,12 @@ class Recipients:
 def qemu_recipients(tree: Path, files: list[Path]) -> Recipients:
     """scripts/get_maintainer.pl of the tree: the all-patches list is To, the rest Cc."""
     script = tree / "scripts" / "get_maintainer.pl"
-    proc = subprocess.run(["perl", str(script), "--no-git", "--no-git-fallback",
-                           *map(str, files)], cwd=tree, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["perl", str(script), "--no-git", "--no-git-fallback", *map(str, files)],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise ExportError(f"{script} failed:\n{proc.stderr[-1500:]}")
     lists: list[tuple[str, str]] = []
@@ -240,11 +256,13 @@ def recipients(project: str, tree: Path, files: list[Path]) -> Recipients:
 def parse_signoff(signoff: str | None) -> tuple[str, str]:
     """(name, email) of `--signoff "Name <email>"`; refuses anything else."""
     if not signoff:
-        raise ExportError("refusing to export for mail without --signoff \"Name <email>\": "
-                          "the submitter certifies the DCO for every patch")
+        raise ExportError(
+            'refusing to export for mail without --signoff "Name <email>": '
+            "the submitter certifies the DCO for every patch"
+        )
     name, address = email.utils.parseaddr(signoff)
     if not name or not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", address):
-        raise ExportError(f"--signoff {signoff!r} is not of the form \"Name <email>\"")
+        raise ExportError(f'--signoff {signoff!r} is not of the form "Name <email>"')
     return name, address
 
 
@@ -262,10 +280,13 @@ content (QEMU's docs/devel/code-provenance.rst declines such content).""",
 
 def provenance(project: str) -> str:
     """The plain statement a submitter must read before signing off."""
-    return ("Provenance: this series was written with the help of an AI assistant.\n" +
-            PROVENANCE_POLICY[project] + "\nWhoever signs off on these patches certifies "
-            "the Developer's\nCertificate of Origin for them and must decide whether "
-            "they can.\n")
+    return (
+        "Provenance: this series was written with the help of an AI assistant.\n"
+        + PROVENANCE_POLICY[project]
+        + "\nWhoever signs off on these patches certifies "
+        "the Developer's\nCertificate of Origin for them and must decide whether "
+        "they can.\n"
+    )
 
 
 WHAT_WHY = {
@@ -313,23 +334,42 @@ The contract:
 }
 
 
-def cover_letter(project: str, files: list[Path], gate_results: list[gates.GateResult],
-                 rebase: list[RebaseResult] | None, proof: str = "") -> tuple[str, str]:
+def cover_letter(
+    project: str,
+    files: list[Path],
+    gate_results: list[gates.GateResult],
+    rebase: list[RebaseResult] | None,
+    proof: str = "",
+) -> tuple[str, str]:
     """(subject, blurb) of the cover letter: what, why, how tested, provenance."""
     pin = config.pin(project)
-    subject = {"qemu": "add a frozen run state: stopped for good, I/O severed",
-               "libvirt": "add the VIR_DOMAIN_FROZEN domain state"}[project]
+    subject = {
+        "qemu": "add a frozen run state: stopped for good, I/O severed",
+        "libvirt": "add the VIR_DOMAIN_FROZEN domain state",
+    }[project]
     failed = [r for r in gate_results if not r.ok]
-    tested = [f"Based on {project} {pin.version}; {len(files)} patches.",
-              f"Gates run at export: {', '.join(sorted({r.gate for r in gate_results}))}: "
-              f"{len(gate_results) - len(failed)} passed, {len(failed)} failed."]
-    tested += [f"- {r.gate} {r.patch}: {r.detail.splitlines()[0] if r.detail else ''}"
-               for r in failed]
+    tested = [
+        f"Based on {project} {pin.version}; {len(files)} patches.",
+        f"Gates run at export: {', '.join(sorted({r.gate for r in gate_results}))}: "
+        f"{len(gate_results) - len(failed)} passed, {len(failed)} failed.",
+    ]
+    tested += [
+        f"- {r.gate} {r.patch}: {r.detail.splitlines()[0] if r.detail else ''}" for r in failed
+    ]
     if rebase is not None:
-        tested.append("Rebase check against the upstream tree: " + ", ".join(
-            f"{n} {s}" for s, n in Counter(r.status for r in rebase).items()))
-    blurb = (WHAT_WHY[project] + "\nHow it was tested:\n" + "\n".join(tested) + "\n" +
-             (proof or NO_PROOF) + "\n" + provenance(project))
+        tested.append(
+            "Rebase check against the upstream tree: "
+            + ", ".join(f"{n} {s}" for s, n in Counter(r.status for r in rebase).items())
+        )
+    blurb = (
+        WHAT_WHY[project]
+        + "\nHow it was tested:\n"
+        + "\n".join(tested)
+        + "\n"
+        + (proof or NO_PROOF)
+        + "\n"
+        + provenance(project)
+    )
     return subject, blurb
 
 
@@ -341,14 +381,19 @@ class RebaseResult:
 
 
 def _apply_one(tree: Path, patch: Path) -> RebaseResult:
-    proc = subprocess.run(["git", "-C", str(tree), "apply", "-v", "--check", str(patch)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["git", "-C", str(tree), "apply", "-v", "--check", str(patch)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         return RebaseResult(patch.name, "conflicts", patches._failing_hunk(tree, patch))
-    subprocess.run(["git", "-C", str(tree), "apply", "--index", str(patch)], check=True,
-                   capture_output=True)
-    offsets = re.findall(r"^(Hunk #\d+ succeeded at \d+ \(offset -?\d+ lines?\))\.$",
-                         proc.stderr + proc.stdout, re.M)
+    subprocess.run(
+        ["git", "-C", str(tree), "apply", "--index", str(patch)], check=True, capture_output=True
+    )
+    offsets = re.findall(
+        r"^(Hunk #\d+ succeeded at \d+ \(offset -?\d+ lines?\))\.$", proc.stderr + proc.stdout, re.M
+    )
     if offsets:
         return RebaseResult(patch.name, "applies with offset", "; ".join(offsets))
     return RebaseResult(patch.name, "applies")
@@ -364,8 +409,11 @@ def rebase_report(upstream: Path, files: list[Path]) -> list[RebaseResult]:
         raise ExportError(f"--onto {upstream}: not a git tree")
     with distro.scratch_dir("onto-") as tmp:
         clone = Path(tmp) / "tree"
-        subprocess.run(["git", "clone", "--quiet", "--shared", str(upstream), str(clone)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["git", "clone", "--quiet", "--shared", str(upstream), str(clone)],
+            check=True,
+            capture_output=True,
+        )
         return [_apply_one(clone, path) for path in files]
 
 
@@ -377,12 +425,27 @@ class MailExport:
     rebase: list[RebaseResult] | None = None
 
 
-def _format_patch(tree: Path, out_dir: Path, signer: tuple[str, str], version: int,
-                  rcpt: Recipients) -> list[Path]:
-    cmd = ["git", "-C", str(tree), "-c", f"user.name={signer[0]}",
-           "-c", f"user.email={signer[1]}", "format-patch", "--cover-letter", "--signoff",
-           "--zero-commit", "--no-signature", f"-v{version}", "--thread=shallow",
-           "-o", str(out_dir)]
+def _format_patch(
+    tree: Path, out_dir: Path, signer: tuple[str, str], version: int, rcpt: Recipients
+) -> list[Path]:
+    cmd = [
+        "git",
+        "-C",
+        str(tree),
+        "-c",
+        f"user.name={signer[0]}",
+        "-c",
+        f"user.email={signer[1]}",
+        "format-patch",
+        "--cover-letter",
+        "--signoff",
+        "--zero-commit",
+        "--no-signature",
+        f"-v{version}",
+        "--thread=shallow",
+        "-o",
+        str(out_dir),
+    ]
     cmd += [f"--to={a}" for a in rcpt.to] + [f"--cc={a}" for a in rcpt.cc]
     proc = subprocess.run([*cmd, "fixups..HEAD"], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -394,16 +457,31 @@ def _fill_cover(cover: Path, subject: str, blurb: str) -> None:
     text = cover.read_text()
     if "*** SUBJECT HERE ***" not in text or "*** BLURB HERE ***" not in text:
         raise ExportError(f"{cover.name}: git's cover-letter placeholders not found")
-    cover.write_text(text.replace("*** SUBJECT HERE ***", subject)
-                     .replace("*** BLURB HERE ***", blurb.rstrip("\n")))
+    cover.write_text(
+        text.replace("*** SUBJECT HERE ***", subject).replace(
+            "*** BLURB HERE ***", blurb.rstrip("\n")
+        )
+    )
 
 
-def export_mail(project: str, tree: Path, out_dir: Path, *, signoff: str | None,
-                version: int = 1, onto: Path | None = None, proof: str = "") -> MailExport:
+def export_mail(
+    project: str,
+    tree: Path,
+    out_dir: Path,
+    *,
+    signoff: str | None,
+    version: int = 1,
+    onto: Path | None = None,
+    proof: str = "",
+) -> MailExport:
     """format-patch the tree's commits after `fixups` for the mailing list."""
     signer = parse_signoff(signoff)
-    commits = subprocess.run(["git", "-C", str(tree), "rev-list", "fixups..HEAD"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    commits = subprocess.run(
+        ["git", "-C", str(tree), "rev-list", "fixups..HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     if not commits:
         raise ExportError(f"{tree}: no commits after `fixups`, nothing to mail")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -423,9 +501,22 @@ def export_mail(project: str, tree: Path, out_dir: Path, *, signoff: str | None,
 
 
 def _format_plain(tree: Path, out_dir: Path) -> list[Path]:
-    proc = subprocess.run(["git", "-C", str(tree), "format-patch", "--zero-commit",
-                           "--no-signature", "-o", str(out_dir), "fixups..HEAD"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(tree),
+            "format-patch",
+            "--zero-commit",
+            "--no-signature",
+            "-o",
+            str(out_dir),
+            "fixups..HEAD",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [Path(line) for line in proc.stdout.splitlines() if line.endswith(".patch")]
 
 
@@ -447,8 +538,11 @@ def verify_mail(tree: Path, files: list[Path], signoff: str) -> MailCheck:
     mails = [p for p in files if not p.name.endswith(COVER)]
     with distro.scratch_dir("am-") as tmp:
         clone = Path(tmp) / "tree"
-        subprocess.run(["git", "clone", "--quiet", "--shared", "--no-checkout", str(tree),
-                        str(clone)], check=True, capture_output=True)
+        subprocess.run(
+            ["git", "clone", "--quiet", "--shared", "--no-checkout", str(tree), str(clone)],
+            check=True,
+            capture_output=True,
+        )
         git = ["git", "-C", str(clone)]
         # git am records a committer: the repository's identity, as in the work trees.
         committer = sources.git_identity()
@@ -459,8 +553,12 @@ def verify_mail(tree: Path, files: list[Path], signoff: str) -> MailCheck:
             patches.apply_series(clone, mails)
         except patches.PatchError as exc:
             raise ExportError(f"git am of the mail export failed: {exc}") from exc
-        log = subprocess.run([*git, "log", "--format=%B%x00", "fixups..HEAD"],
-                             capture_output=True, text=True, check=True).stdout
+        log = subprocess.run(
+            [*git, "log", "--format=%B%x00", "fixups..HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         bodies = [b.strip() for b in log.split("\0") if b.strip()]
         signed = sum(b.splitlines()[-1] == trailer for b in bodies)
         same = _tree_id(clone) == _tree_id(tree)
@@ -468,5 +566,9 @@ def verify_mail(tree: Path, files: list[Path], signoff: str) -> MailCheck:
 
 
 def _tree_id(tree: Path) -> str:
-    return subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD^{tree}"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "HEAD^{tree}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()

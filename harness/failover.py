@@ -123,10 +123,16 @@ def make_service(shared: Path, qemu_prefix: Path, name: str, **domain: object) -
     console = Path(NODE_RUN) / f"{name}.sock"
     console_log = Path(NODE_RUN) / f"{name}.log"
     dom = libvirtd.ProbeDomain(
-        name=name, emulator=system_binary(qemu_prefix), image=images.bios,
-        cmdline=cfg.cmdline(), disk=mountpoint / "disk.raw", console=console,
-        console_log=console_log, network=False, **domain,  # type: ignore[arg-type]
-    )  # fmt: skip
+        name=name,
+        emulator=system_binary(qemu_prefix),
+        image=images.bios,
+        cmdline=cfg.cmdline(),
+        disk=mountpoint / "disk.raw",
+        console=console,
+        console_log=console_log,
+        network=False,
+        **domain,  # type: ignore[arg-type]
+    )
     xml = shared / f"{name}.xml"
     xml.write_text(dom.xml())
     return Service(name, image, mountpoint, xml, marker, console, console_log)
@@ -278,9 +284,11 @@ def failed_monitor_rc(cl: Cluster, svc: Service, node: str) -> int | None:
     a resource on a node, and a failed start that follows replaces it.
     """
     log = cl.node(node).root / "log-pacemaker" / "pacemaker.log"
-    key = re.compile(rf"Result of monitor operation for {re.escape(svc.vm_id)} on "
-                     rf"{re.escape(node)}: .* key={re.escape(svc.vm_id)}_monitor_[1-9]\d* "
-                     r"rc=(\d+)")  # fmt: skip
+    key = re.compile(
+        rf"Result of monitor operation for {re.escape(svc.vm_id)} on "
+        rf"{re.escape(node)}: .* key={re.escape(svc.vm_id)}_monitor_[1-9]\d* "
+        r"rc=(\d+)"
+    )
     with contextlib.suppress(OSError):
         for m in key.finditer(log.read_text(errors="replace")):
             if m.group(1) != "0":
@@ -306,8 +314,10 @@ def run_failover(
     from node1 and the agent's stop has to deal with a guest that
     ignores the shutdown request (the probe has no ACPI)."""
     n1, n2 = cl.nodes[0], cl.nodes[1]
-    cl.cib_create("resources", service_group(svc, provider, vm_params=vm_params,
-                                             meta={"migration-threshold": "1"}))  # fmt: skip
+    cl.cib_create(
+        "resources",
+        service_group(svc, provider, vm_params=vm_params, meta={"migration-threshold": "1"}),
+    )
     cl.cib_create("constraints", location(f"loc-{svc.name}", svc.group_id, n1.name, "100"))
     cl.wait(
         lambda s: s.started_on(svc.vm_id) == n1.name,
@@ -346,18 +356,23 @@ def run_failover(
     kept = state != "absent" and memory_has_marker(n1, svc, workdir)
     records = [n for n, blk in console_records(n2, svc) if blk == "ok"]
     return FailoverResult(
-        trigger=trigger, agent=provider, on_crash=on_crash,
+        trigger=trigger,
+        agent=provider,
+        on_crash=on_crash,
         monitor_rc=failed_monitor_rc(cl, svc, n1.name),
-        failed_node_state=state, memory_kept=kept,
-        same_qemu=pid is not None and qemu_pid(n1, svc.name) == pid
+        failed_node_state=state,
+        memory_kept=kept,
+        same_qemu=pid is not None
+        and qemu_pid(n1, svc.name) == pid
         and n1.path(Path(f"/proc/{pid}")).exists(),
         fs_released=not mounted(n1, svc.mountpoint),
         recovered_on=recovered_on,
         disk_opened_on_node2=recovered_on == n2.name and disk_records(n2, svc) > 0,
         node2_records=len(records),
         failover_s=None if failover_s is None else round(failover_s, 2),
-        crm_mon_before=before.text, crm_mon_after=after.text,
-    )  # fmt: skip
+        crm_mon_before=before.text,
+        crm_mon_after=after.text,
+    )
 
 
 def yes_no(v: bool) -> str:
@@ -483,13 +498,19 @@ def run_same_node(
     tags = [guest.last_record_tag(svc.marker, n) for n in (last, last + 1)]
     dump_ok = any(any(t in c.read_bytes() for t in tags) for c in cores)
     return SameNodeResult(
-        agent=provider, dump_dir=dump_dir is not None,
+        agent=provider,
+        dump_dir=dump_dir is not None,
         monitor_rc=failed_monitor_rc(cl, svc, n1.name),
-        start_rc_node1=failed_start_rc(cl, svc, n1.name), recovered_on=recovered_on,
-        node1_state=state, frozen_memory_kept=frozen_kept, dump_has_marker=dump_ok,
-        dumps=len(cores), recovery_s=None if recovery_s is None else round(recovery_s, 2),
-        crm_mon_before=before.text, crm_mon_after=after.text,
-    )  # fmt: skip
+        start_rc_node1=failed_start_rc(cl, svc, n1.name),
+        recovered_on=recovered_on,
+        node1_state=state,
+        frozen_memory_kept=frozen_kept,
+        dump_has_marker=dump_ok,
+        dumps=len(cores),
+        recovery_s=None if recovery_s is None else round(recovery_s, 2),
+        crm_mon_before=before.text,
+        crm_mon_after=after.text,
+    )
 
 
 #: (trigger, provider, on_crash -- the watchdog's action for "watchdog" --,
@@ -540,8 +561,15 @@ def stop_failure_table(
     destroys it)."""
     for i, (provider, action) in enumerate(STOP_ROWS):
         svc = make_service(shared, qemu, f"m{i}{provider[:2]}", on_crash="destroy")
-        yield run_failover(cl, svc, provider, on_crash=f"stop:{action}", workdir=workdir,
-                           trigger="move", vm_params={"stop_failure_action": action})  # fmt: skip
+        yield run_failover(
+            cl,
+            svc,
+            provider,
+            on_crash=f"stop:{action}",
+            workdir=workdir,
+            trigger="move",
+            vm_params={"stop_failure_action": action},
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -569,8 +597,10 @@ def main(argv: list[str] | None = None) -> int:
             cl.configure_defaults()
             for r in failover_table(cl, shared, qemu, workdir):
                 results.append(r)
-                say(f"failover: {r.trigger}, {r.agent} agent, action {r.on_crash}: "
-                    f"{'-' if r.failover_s is None else r.failover_s} s")  # fmt: skip
+                say(
+                    f"failover: {r.trigger}, {r.agent} agent, action {r.on_crash}: "
+                    f"{'-' if r.failover_s is None else r.failover_s} s"
+                )
     finally:
         shutil.rmtree(shared, ignore_errors=True)
     print(table(results))

@@ -85,17 +85,62 @@ MAX_DEPTH = 4
 # -- what the generator knows about argument names ---------------------------
 
 #: Members whose string value names an object of the rig.
-NAME_KEYS = frozenset({
-    "node-name", "node", "device", "id", "job-id", "name", "target", "base", "base-node",
-    "top", "top-node", "overlay", "parent", "child", "drive", "netdev", "vmstate", "bitmap",
-    "chardev", "backing", "image-node-name", "qdev", "iothread", "tag", "devices", "nodes",
-    "interfaces", "snapshot-node-name", "export", "node-names", "bitmaps",
-})  # fmt: skip
+NAME_KEYS = frozenset(
+    {
+        "node-name",
+        "node",
+        "device",
+        "id",
+        "job-id",
+        "name",
+        "target",
+        "base",
+        "base-node",
+        "top",
+        "top-node",
+        "overlay",
+        "parent",
+        "child",
+        "drive",
+        "netdev",
+        "vmstate",
+        "bitmap",
+        "chardev",
+        "backing",
+        "image-node-name",
+        "qdev",
+        "iothread",
+        "tag",
+        "devices",
+        "nodes",
+        "interfaces",
+        "snapshot-node-name",
+        "export",
+        "node-names",
+        "bitmaps",
+    }
+)
 #: Members naming a host file; never a rig image unless the command opens images.
-PATH_KEYS = frozenset({
-    "filename", "file", "path", "snapshot-file", "mem-path", "dir", "out", "in", "logfile",
-    "evdev", "mountpoint", "sock", "socket", "mem", "tls-creds-dir", "fsdev",
-})  # fmt: skip
+PATH_KEYS = frozenset(
+    {
+        "filename",
+        "file",
+        "path",
+        "snapshot-file",
+        "mem-path",
+        "dir",
+        "out",
+        "in",
+        "logfile",
+        "evdev",
+        "mountpoint",
+        "sock",
+        "socket",
+        "mem",
+        "tls-creds-dir",
+        "fsdev",
+    }
+)
 #: Members holding a URI to write to.
 URI_KEYS = frozenset({"uri", "protocol"})
 #: Members naming a host to connect to: only loopback.
@@ -115,17 +160,45 @@ POOL_OVERRIDES: dict[tuple[str, str], str] = {
 }
 #: Ints by member name (small: sizes and counts must never stress the host).
 INT_POOLS: dict[str, list[int]] = {
-    "size": [4096, 0], "val": [0], "speed": [0], "cpu-index": [0], "granularity": [65536],
-    "index": [0], "begin": [0], "length": [4096], "initial": [1], "max": [2], "rounds": [1],
-    "step": [1], "hubid": [0], "cid": [2], "bus": [0], "unit": [0],
-}  # fmt: skip
+    "size": [4096, 0],
+    "val": [0],
+    "speed": [0],
+    "cpu-index": [0],
+    "granularity": [65536],
+    "index": [0],
+    "begin": [0],
+    "length": [4096],
+    "initial": [1],
+    "max": [2],
+    "rounds": [1],
+    "step": [1],
+    "hubid": [0],
+    "cid": [2],
+    "bus": [0],
+    "unit": [0],
+}
 #: Union cases never generated: they run host programs, open host devices or
 #: networks outside loopback/the test's namespaces (tap gets an explicit,
 #: harmless set instead).
-SKIP_CASES = frozenset({
-    "bridge", "l2tpv3", "vde", "vhost-user", "vhost-vdpa", "af-xdp", "netmap", "passt",
-    "vmnet-host", "vmnet-shared", "vmnet-bridged", "exec", "rdma", "stdio", "tap",
-})  # fmt: skip
+SKIP_CASES = frozenset(
+    {
+        "bridge",
+        "l2tpv3",
+        "vde",
+        "vhost-user",
+        "vhost-vdpa",
+        "af-xdp",
+        "netmap",
+        "passt",
+        "vmnet-host",
+        "vmnet-shared",
+        "vmnet-bridged",
+        "exec",
+        "rdma",
+        "stdio",
+        "tap",
+    }
+)
 #: Cases preferred as the default of a union (the first one found wins).
 PREFERRED_CASES = ("raw", "file", "qcow2", "null", "unix", "user", "nbd", "full", "elf")
 #: Commands the generated plan never calls: quit would end the run; it is
@@ -137,16 +210,46 @@ SKIP_HMP = frozenset({"quit", "q"})
 FIRST = ("cont", "blockdev-set-active")
 #: Commands called next: they set up things the later calls use (and are
 #: replayed on a fresh rig after a crash).
-PRELUDE = ("nbd-server-start", "blockdev-add", "chardev-add", "object-add", "netdev_add",
-           "device_add", "block-export-add", "nbd-server-add")  # fmt: skip
+PRELUDE = (
+    "nbd-server-start",
+    "blockdev-add",
+    "chardev-add",
+    "object-add",
+    "netdev_add",
+    "device_add",
+    "block-export-add",
+    "nbd-server-add",
+)
 #: Commands called last: they tear down what others would use.
-EPILOGUE = ("blockdev-del", "device_del", "netdev_del", "chardev-remove", "object-del",
-            "nbd-server-stop", "block-export-del", "eject", "blockdev-remove-medium",
-            "blockdev-open-tray", "x-blockdev-change", "migrate", "migrate-incoming",
-            "snapshot-load")  # fmt: skip
+EPILOGUE = (
+    "blockdev-del",
+    "device_del",
+    "netdev_del",
+    "chardev-remove",
+    "object-del",
+    "nbd-server-stop",
+    "block-export-del",
+    "eject",
+    "blockdev-remove-medium",
+    "blockdev-open-tray",
+    "x-blockdev-change",
+    "migrate",
+    "migrate-incoming",
+    "snapshot-load",
+)
 #: Accepted calls after which the announce probe runs.
-NET_CHANGING = frozenset({"set_link", "netdev_add", "device_add", "object-add", "netdev_del",
-                          "object_add", "x-blockdev-change", "qom-set"})  # fmt: skip
+NET_CHANGING = frozenset(
+    {
+        "set_link",
+        "netdev_add",
+        "device_add",
+        "object-add",
+        "netdev_del",
+        "object_add",
+        "x-blockdev-change",
+        "qom-set",
+    }
+)
 ANNOUNCE_ARGS = {"initial": 1, "max": 2, "rounds": 1, "step": 1}
 _QUERY_RX = re.compile(r"^(x-)?(query-|qom-list|qom-get|device-list|trace-event-get)")
 #: HMP answers that mean the command did nothing.
@@ -209,8 +312,16 @@ class RigValues:
 
     def names(self, first: Sequence[str] = ()) -> list[str]:
         """Every real name, ``first`` in front, and the garbage one last."""
-        out = [*first, *self.nodes, *self.block_devices, *self.nics, *self.netdevs,
-               *self.snapshots, *self.chardevs, self.garbage]  # fmt: skip
+        out = [
+            *first,
+            *self.nodes,
+            *self.block_devices,
+            *self.nics,
+            *self.netdevs,
+            *self.snapshots,
+            *self.chardevs,
+            self.garbage,
+        ]
         return list(dict.fromkeys(out))
 
 
@@ -243,8 +354,9 @@ class ArgGenerator:
     time, so the count stays linear in the schema, capped per level.
     """
 
-    def __init__(self, schema: Sequence[Mapping[str, Any]], values: RigValues,
-                 max_sets: int = MAX_SETS):  # fmt: skip
+    def __init__(
+        self, schema: Sequence[Mapping[str, Any]], values: RigValues, max_sets: int = MAX_SETS
+    ):
         self.types = {e["name"]: e for e in schema}
         self.values = values
         self.max_sets = max_sets
@@ -269,8 +381,9 @@ class ArgGenerator:
             self.max_sets + len(arg.get("variants", [])) + len(extra_arg_sets(command, self.values))
         )
 
-    def _values(self, tname: str, key: str, command: str, depth: int,
-                ref: bool = False) -> list[Any]:  # fmt: skip
+    def _values(
+        self, tname: str, key: str, command: str, depth: int, ref: bool = False
+    ) -> list[Any]:
         memo_key = (tname, key, command, depth, ref)
         if memo_key not in self._memo:
             self._memo[memo_key] = self._compute(tname, key, command, depth, ref)
@@ -305,8 +418,9 @@ class ArgGenerator:
             return [[]]
         return [[v] for v in vals]
 
-    def _alternate(self, entity: Mapping[str, Any], key: str, command: str,
-                   depth: int) -> list[Any]:  # fmt: skip
+    def _alternate(
+        self, entity: Mapping[str, Any], key: str, command: str, depth: int
+    ) -> list[Any]:
         kinds = [m["type"] for m in entity.get("members", [])]
         has_obj = any(self.types.get(k, {}).get("meta-type") == "object" for k in kinds)
         if has_obj and depth >= MAX_DEPTH and "str" in kinds:
@@ -352,8 +466,9 @@ class ArgGenerator:
         cap = self.max_sets + len(cases) if depth == 0 else NESTED_CAP
         return _dedup([*out[:1], *_round_robin([out[1:], first_variations])])[:cap]
 
-    def _members(self, members: Sequence[Mapping[str, Any]], command: str,
-                 depth: int) -> list[dict[str, Any]]:  # fmt: skip
+    def _members(
+        self, members: Sequence[Mapping[str, Any]], command: str, depth: int
+    ) -> list[dict[str, Any]]:
         required = [m for m in members if "default" not in m]
         optional = [m for m in members if "default" in m]
         default: dict[str, Any] = {}
@@ -467,70 +582,122 @@ def extra_arg_sets(command: str, v: RigValues) -> list[dict[str, Any]]:
     job = "fuzzjob-x"
     table: dict[str, list[dict[str, Any]]] = {
         "cont": [{}],
-        "blockdev-set-active": [{"active": True},
-                                *({"node-name": n, "active": True} for n in v.nodes)],
+        "blockdev-set-active": [
+            {"active": True},
+            *({"node-name": n, "active": True} for n in v.nodes),
+        ],
         "blockdev-add": [
-            *({"driver": "raw", "node-name": f"fuzzraw{i}",
-               "file": {"driver": "file", "filename": p}} for i, p in enumerate(images)),
+            *(
+                {
+                    "driver": "raw",
+                    "node-name": f"fuzzraw{i}",
+                    "file": {"driver": "file", "filename": p},
+                }
+                for i, p in enumerate(images)
+            ),
             {"driver": "qcow2", "node-name": "fuzzq0", "file": disk},
         ],
-        "blockdev-backup": [{"job-id": job, "device": n, "target": t, "sync": "full"}
-                            for n in (disk, *chain) for t in ("tgt0",)],
+        "blockdev-backup": [
+            {"job-id": job, "device": n, "target": t, "sync": "full"}
+            for n in (disk, *chain)
+            for t in ("tgt0",)
+        ],
         "blockdev-mirror": [{"job-id": job, "device": disk, "target": "tgt0", "sync": "full"}],
-        "drive-backup": [{"job-id": job, "device": disk, "target": Scratch(), "sync": "full",
-                          "format": "raw"}],
-        "drive-mirror": [{"job-id": job, "device": disk, "target": Scratch(), "sync": "full",
-                          "format": "raw"}],
+        "drive-backup": [
+            {"job-id": job, "device": disk, "target": Scratch(), "sync": "full", "format": "raw"}
+        ],
+        "drive-mirror": [
+            {"job-id": job, "device": disk, "target": Scratch(), "sync": "full", "format": "raw"}
+        ],
         "block-stream": [{"job-id": job, "device": n} for n in chain],
         "block-commit": [{"job-id": job, "device": n} for n in chain],
         "block_resize": [{"node-name": n, "size": 4096} for n in v.nodes[:4]],
         "blockdev-snapshot-internal-sync": [{"device": n, "name": "fuzzsnap"} for n in chain],
-        "blockdev-snapshot-delete-internal-sync": [{"device": n, "name": s}
-                                                   for n in chain for s in v.snapshots],
-        "blockdev-snapshot-sync": [{"node-name": n, "snapshot-file": Scratch(),
-                                    "snapshot-node-name": "fuzzsn0", "format": "qcow2"}
-                                   for n in (disk, *chain)],
-        "snapshot-save": [{"job-id": job, "tag": "fuzzsnap", "vmstate": n, "devices": [n]}
-                          for n in chain],
-        "snapshot-delete": [{"job-id": job, "tag": s, "devices": [n]}
-                            for n in chain for s in v.snapshots],
-        "snapshot-load": [{"job-id": job, "tag": s, "vmstate": n, "devices": [n]}
-                          for n in chain for s in v.snapshots],
-        "blockdev-create": [{"job-id": job, "options": {"driver": "qcow2", "file": n,
-                                                        "size": 1 << 20}} for n in v.nodes[:4]],
-        "change-backing-file": [{"device": "ovl0", "image-node-name": "ovl0",
-                                 "backing-file": GARBAGE}],
-        "block-export-add": [{"type": "nbd", "id": f"fuzzexp{i}", "node-name": n,
-                              "name": f"fuzzexp{i}", "writable": True}
-                             for i, n in enumerate(v.nodes[:4])],
-        "nbd-server-add": [{"device": n, "name": f"fuzznbd{i}", "writable": True}
-                           for i, n in enumerate(v.nodes[:4])],
+        "blockdev-snapshot-delete-internal-sync": [
+            {"device": n, "name": s} for n in chain for s in v.snapshots
+        ],
+        "blockdev-snapshot-sync": [
+            {
+                "node-name": n,
+                "snapshot-file": Scratch(),
+                "snapshot-node-name": "fuzzsn0",
+                "format": "qcow2",
+            }
+            for n in (disk, *chain)
+        ],
+        "snapshot-save": [
+            {"job-id": job, "tag": "fuzzsnap", "vmstate": n, "devices": [n]} for n in chain
+        ],
+        "snapshot-delete": [
+            {"job-id": job, "tag": s, "devices": [n]} for n in chain for s in v.snapshots
+        ],
+        "snapshot-load": [
+            {"job-id": job, "tag": s, "vmstate": n, "devices": [n]}
+            for n in chain
+            for s in v.snapshots
+        ],
+        "blockdev-create": [
+            {"job-id": job, "options": {"driver": "qcow2", "file": n, "size": 1 << 20}}
+            for n in v.nodes[:4]
+        ],
+        "change-backing-file": [
+            {"device": "ovl0", "image-node-name": "ovl0", "backing-file": GARBAGE}
+        ],
+        "block-export-add": [
+            {
+                "type": "nbd",
+                "id": f"fuzzexp{i}",
+                "node-name": n,
+                "name": f"fuzzexp{i}",
+                "writable": True,
+            }
+            for i, n in enumerate(v.nodes[:4])
+        ],
+        "nbd-server-add": [
+            {"device": n, "name": f"fuzznbd{i}", "writable": True}
+            for i, n in enumerate(v.nodes[:4])
+        ],
         "nbd-server-start": [{"addr": {"type": "unix", "data": {"path": Scratch("sock")}}}],
         "set_link": [{"name": n, "up": True} for n in [*v.nics, *v.netdevs]],
         "announce-self": [ANNOUNCE_ARGS],
-        "netdev_add": [{"type": "tap", "id": "fuzztap0", "fd": GARBAGE},
-                       {"type": "user", "id": "fuzzuser0", "restrict": True}],
+        "netdev_add": [
+            {"type": "tap", "id": "fuzztap0", "fd": GARBAGE},
+            {"type": "user", "id": "fuzzuser0", "restrict": True},
+        ],
         "device_add": [
             {"driver": "virtio-blk-pci", "drive": disk, "id": "fuzzdev0"},
-            {"driver": "virtio-net-pci", "netdev": v.netdevs[-1] if v.netdevs else GARBAGE,
-             "id": "fuzzdev1", "romfile": ""},
+            {
+                "driver": "virtio-net-pci",
+                "netdev": v.netdevs[-1] if v.netdevs else GARBAGE,
+                "id": "fuzzdev1",
+                "romfile": "",
+            },
             {"driver": "e1000", "id": "fuzzdev2", "romfile": ""},
             {"driver": "ide-hd", "drive": chain[-1], "bus": "ide.1", "unit": 1, "id": "fuzzdev3"},
         ],
         "migrate": [{"uri": Scratch("file-uri")}],
         "human-monitor-command": [{"command-line": "info status"}],
-        "transaction": [{"actions": [a]} for a in (
-            {"type": "blockdev-snapshot-internal-sync",
-             "data": {"device": chain[0], "name": "fuzzsnapT"}},
-            {"type": "blockdev-backup",
-             "data": {"job-id": job, "device": disk, "target": "tgt0", "sync": "full"}},
-            {"type": "drive-backup",
-             "data": {"job-id": job, "device": disk, "target": Scratch(), "sync": "full"}},
-        )],
+        "transaction": [
+            {"actions": [a]}
+            for a in (
+                {
+                    "type": "blockdev-snapshot-internal-sync",
+                    "data": {"device": chain[0], "name": "fuzzsnapT"},
+                },
+                {
+                    "type": "blockdev-backup",
+                    "data": {"job-id": job, "device": disk, "target": "tgt0", "sync": "full"},
+                },
+                {
+                    "type": "drive-backup",
+                    "data": {"job-id": job, "device": disk, "target": Scratch(), "sync": "full"},
+                },
+            )
+        ],
         "memsave": [{"val": 0, "size": 4096, "filename": Scratch()}],
         "pmemsave": [{"val": 0, "size": 4096, "filename": Scratch()}],
         "dump-guest-memory": [{"paging": False, "protocol": Scratch("file-uri")}],
-    }  # fmt: skip
+    }
     return table.get(command, [])
 
 
@@ -552,10 +719,34 @@ class HmpCommand:
     args: tuple[HmpArg, ...]
 
 
-_HMP_NAME_ARGS = {"device", "id", "name", "node", "netdev_id", "tag", "drive", "target",
-                  "bootdevice", "capture", "audiodev", "interfaces", "protocol", "path",
-                  "property", "capability", "parameter", "display", "keys", "data", "args",
-                  "driver", "subcommand", "cmd", "item1", "state"}  # fmt: skip
+_HMP_NAME_ARGS = {
+    "device",
+    "id",
+    "name",
+    "node",
+    "netdev_id",
+    "tag",
+    "drive",
+    "target",
+    "bootdevice",
+    "capture",
+    "audiodev",
+    "interfaces",
+    "protocol",
+    "path",
+    "property",
+    "capability",
+    "parameter",
+    "display",
+    "keys",
+    "data",
+    "args",
+    "driver",
+    "subcommand",
+    "cmd",
+    "item1",
+    "state",
+}
 _HMP_PATH_ARGS = {"filename", "file", "uri", "new-image-file", "target-file"}
 
 
@@ -573,8 +764,7 @@ def _hmp_kind(token: str, command: str) -> HmpArg | None:
         if all(re.fullmatch(r"[\w-]+", a) for a in alts):
             return HmpArg(name, optional, "choice", alts)
         return HmpArg(name, optional, "text")
-    if name in _HMP_PATH_ARGS or (command in ("drive_mirror", "drive_backup")
-                                   and name == "target"):  # fmt: skip
+    if name in _HMP_PATH_ARGS or (command in ("drive_mirror", "drive_backup") and name == "target"):
         return HmpArg(name, optional, "path")
     if command == "wavcapture" and name == "path":
         return HmpArg(name, optional, "path")
@@ -610,8 +800,7 @@ def parse_hmp_help(text: str, prefix: str = "") -> list[HmpCommand]:
             rest = rest[1:]
         args = tuple(a for a in (_hmp_kind(t, name) for t in rest) if a is not None)
         full = f"{prefix} {name}" if prefix else name
-        out.append(HmpCommand(full, tuple(f"{prefix} {n}" if prefix else n for n in names),
-                              args))  # fmt: skip
+        out.append(HmpCommand(full, tuple(f"{prefix} {n}" if prefix else n for n in names), args))
     return out
 
 
@@ -675,68 +864,99 @@ def _hmp_over(lines: Callable[[RigValues], list[str]], replace: bool = False) ->
 #: HMP commands whose generic shapes would miss the point or be unsafe.
 HMP_OVERRIDES: dict[str, dict[str, Any]] = {
     # A gdbstub on a unix socket of our own; the probe call then asks it to run.
-    "gdbserver": _hmp_over(lambda v: ["gdbserver none",
-                                      "gdbserver unix:{sock},server=on,wait=off",
-                                      "gdbserver none"], replace=True),
+    "gdbserver": _hmp_over(
+        lambda v: ["gdbserver none", "gdbserver unix:{sock},server=on,wait=off", "gdbserver none"],
+        replace=True,
+    ),
     "migrate": _hmp_over(lambda v: ["migrate -d file:{path}", "migrate -d unix:{sock}"]),
     "migrate_incoming": _hmp_over(lambda v: ["migrate_incoming file:{path}"]),
-    "qemu-io": _hmp_over(lambda v: [f'qemu-io {n} "write -P 0x5a 0 512"' for n in v.nodes]
-                         + [f'qemu-io -d {d} "write -P 0x5a 0 512"' for d in v.block_devices]
-                         + [f'qemu-io {v.nodes[0]} "read 0 512"'], replace=True),
-    "nbd_server_start": _hmp_over(lambda v: ["nbd_server_start -a -w unix:{sock}",
-                                             "nbd_server_start 127.0.0.1:0"]),
-    "nbd_server_add": _hmp_over(lambda v: [f"nbd_server_add -w {n} fuzzhmp{i}"
-                                           for i, n in enumerate(v.nodes[:4])]),
+    "qemu-io": _hmp_over(
+        lambda v: (
+            [f'qemu-io {n} "write -P 0x5a 0 512"' for n in v.nodes]
+            + [f'qemu-io -d {d} "write -P 0x5a 0 512"' for d in v.block_devices]
+            + [f'qemu-io {v.nodes[0]} "read 0 512"']
+        ),
+        replace=True,
+    ),
+    "nbd_server_start": _hmp_over(
+        lambda v: ["nbd_server_start -a -w unix:{sock}", "nbd_server_start 127.0.0.1:0"]
+    ),
+    "nbd_server_add": _hmp_over(
+        lambda v: [f"nbd_server_add -w {n} fuzzhmp{i}" for i, n in enumerate(v.nodes[:4])]
+    ),
     "savevm": _hmp_over(lambda v: ["savevm fuzzsnap", *(f"savevm {s}" for s in v.snapshots)]),
     "loadvm": _hmp_over(lambda v: [f"loadvm {s}" for s in v.snapshots]),
     "delvm": _hmp_over(lambda v: [f"delvm {s}" for s in v.snapshots]),
-    "drive_add": _hmp_over(lambda v: [f"drive_add 0 if=none,id=fuzzdrv{i},file={p}"
-                                      for i, p in enumerate(v.images)], replace=True),
-    "change": _hmp_over(lambda v: [f"change {d} {p} raw read-only" for d in v.block_devices
-                                   for p in v.images[:1]]),
-    "netdev_add": _hmp_over(lambda v: ["netdev_add user,id=fuzzhnet0,restrict=on",
-                                       f"netdev_add tap,id=fuzzhnet1,fd={GARBAGE}",
-                                       "netdev_add hubport,id=fuzzhnet2,hubid=0"], replace=True),
-    "device_add": _hmp_over(lambda v: [
-        f"device_add virtio-blk-pci,drive={v.nodes[0]},id=fuzzhdev0",
-        f"device_add e1000,netdev={v.netdevs[-1]},id=fuzzhdev1,romfile=",
-        "device_add e1000,id=fuzzhdev2,romfile=",
-        f"device_add ide-hd,drive={_chain(v)[-1]},bus=ide.1,unit=1,id=fuzzhdev3"],
-        replace=True),
-    "object_add": _hmp_over(lambda v: [
-        f"object_add filter-dump,id=fuzzhf0,netdev={v.netdevs[0]},file={{path}}",
-        f"object_add filter-redirector,id=fuzzhf1,netdev={v.netdevs[0]},queue=tx,"
-        f"indev={v.chardevs[0]}",
-        "object_add memory-backend-ram,id=fuzzhmem0,size=4096",
-        "object_add iothread,id=fuzzhio0"], replace=True),
-    "chardev-add": _hmp_over(lambda v: ["chardev-add null,id=fuzzhchr0",
-                                        "chardev-add file,id=fuzzhchr1,path={path}"],
-                             replace=True),
+    "drive_add": _hmp_over(
+        lambda v: [f"drive_add 0 if=none,id=fuzzdrv{i},file={p}" for i, p in enumerate(v.images)],
+        replace=True,
+    ),
+    "change": _hmp_over(
+        lambda v: [f"change {d} {p} raw read-only" for d in v.block_devices for p in v.images[:1]]
+    ),
+    "netdev_add": _hmp_over(
+        lambda v: [
+            "netdev_add user,id=fuzzhnet0,restrict=on",
+            f"netdev_add tap,id=fuzzhnet1,fd={GARBAGE}",
+            "netdev_add hubport,id=fuzzhnet2,hubid=0",
+        ],
+        replace=True,
+    ),
+    "device_add": _hmp_over(
+        lambda v: [
+            f"device_add virtio-blk-pci,drive={v.nodes[0]},id=fuzzhdev0",
+            f"device_add e1000,netdev={v.netdevs[-1]},id=fuzzhdev1,romfile=",
+            "device_add e1000,id=fuzzhdev2,romfile=",
+            f"device_add ide-hd,drive={_chain(v)[-1]},bus=ide.1,unit=1,id=fuzzhdev3",
+        ],
+        replace=True,
+    ),
+    "object_add": _hmp_over(
+        lambda v: [
+            f"object_add filter-dump,id=fuzzhf0,netdev={v.netdevs[0]},file={{path}}",
+            f"object_add filter-redirector,id=fuzzhf1,netdev={v.netdevs[0]},queue=tx,"
+            f"indev={v.chardevs[0]}",
+            "object_add memory-backend-ram,id=fuzzhmem0,size=4096",
+            "object_add iothread,id=fuzzhio0",
+        ],
+        replace=True,
+    ),
+    "chardev-add": _hmp_over(
+        lambda v: ["chardev-add null,id=fuzzhchr0", "chardev-add file,id=fuzzhchr1,path={path}"],
+        replace=True,
+    ),
     "set_link": _hmp_over(lambda v: [f"set_link {n} on" for n in [*v.nics, *v.netdevs]]),
     "commit": _hmp_over(lambda v: ["commit all", *(f"commit {n}" for n in v.nodes[:3])]),
-    "snapshot_blkdev": _hmp_over(lambda v: [f"snapshot_blkdev {n} {{path}} qcow2"
-                                            for n in v.nodes[:3]]),
-    "snapshot_blkdev_internal": _hmp_over(lambda v: [f"snapshot_blkdev_internal {n} fuzzsnap"
-                                                     for n in v.nodes[:3]]),
+    "snapshot_blkdev": _hmp_over(
+        lambda v: [f"snapshot_blkdev {n} {{path}} qcow2" for n in v.nodes[:3]]
+    ),
+    "snapshot_blkdev_internal": _hmp_over(
+        lambda v: [f"snapshot_blkdev_internal {n} fuzzsnap" for n in v.nodes[:3]]
+    ),
     "snapshot_delete_blkdev_internal": _hmp_over(
-        lambda v: [f"snapshot_delete_blkdev_internal {n} {s}" for n in v.nodes[:3]
-                   for s in v.snapshots]),
+        lambda v: [
+            f"snapshot_delete_blkdev_internal {n} {s}" for n in v.nodes[:3] for s in v.snapshots
+        ]
+    ),
     "block_resize": _hmp_over(lambda v: [f"block_resize {n} 4096" for n in v.nodes[:4]]),
     "block_stream": _hmp_over(lambda v: [f"block_stream {n}" for n in v.nodes[:3]]),
     "drive_mirror": _hmp_over(lambda v: [f"drive_mirror -f {v.nodes[0]} {{path}} raw"]),
     "drive_backup": _hmp_over(lambda v: [f"drive_backup -f {v.nodes[0]} {{path}} raw"]),
     "memsave": _hmp_over(lambda v: ["memsave 0 4096 {path}"], replace=True),
     "pmemsave": _hmp_over(lambda v: ["pmemsave 0 4096 {path}"], replace=True),
-    "dump-guest-memory": _hmp_over(lambda v: ["dump-guest-memory {path}",
-                                              "dump-guest-memory -p {path} 0 4096"]),
+    "dump-guest-memory": _hmp_over(
+        lambda v: ["dump-guest-memory {path}", "dump-guest-memory -p {path} 0 4096"]
+    ),
     # Never an address that is not ours: loopback or nothing.
-    "hostfwd_add": _hmp_over(lambda v: [f"hostfwd_add {v.netdevs[-1]} tcp:127.0.0.1:0-:1"],
-                             replace=True),
-    "client_migrate_info": _hmp_over(lambda v: ["client_migrate_info spice 127.0.0.1 1 1 x"],
-                                     replace=True),
+    "hostfwd_add": _hmp_over(
+        lambda v: [f"hostfwd_add {v.netdevs[-1]} tcp:127.0.0.1:0-:1"], replace=True
+    ),
+    "client_migrate_info": _hmp_over(
+        lambda v: ["client_migrate_info spice 127.0.0.1 1 1 x"], replace=True
+    ),
     # The interactive ones that print a lot or wait for input.
     "help": _hmp_over(lambda v: ["help", "help info"], replace=True),
-}  # fmt: skip
+}
 
 
 # -- invariants ----------------------------------------------------------------
@@ -755,8 +975,9 @@ def _flock(fd: int, cmd: int, kind: int, start: int, length: int) -> tuple[bool,
 
 
 def lock_byte_name(offset: int) -> str:
-    base, what = ((LOCK_SHARED_BASE, "shared") if offset >= LOCK_SHARED_BASE
-                  else (LOCK_PERM_BASE, "perm"))  # fmt: skip
+    base, what = (
+        (LOCK_SHARED_BASE, "shared") if offset >= LOCK_SHARED_BASE else (LOCK_PERM_BASE, "perm")
+    )
     bit = offset - base
     perm = PERM_NAMES[bit] if 0 <= bit < len(PERM_NAMES) else f"bit{bit}"
     label = "unshared" if what == "shared" else "held"
@@ -866,8 +1087,9 @@ class CallResult:
     def line(self) -> str:
         what = "refused" if self.refused else "accepted"
         err = f" [{self.error[:120]}]" if self.error else ""
-        return (f"{self.kind} {self.command} {self.args[:160]} -> {what}{err}: "
-                f"{'; '.join(self.broken)}")  # fmt: skip
+        return (
+            f"{self.kind} {self.command} {self.args[:160]} -> {what}{err}: {'; '.join(self.broken)}"
+        )
 
 
 @dataclass
@@ -948,8 +1170,9 @@ class FuzzReport:
         }
 
     def table(self, max_failures: int = 40) -> str:
-        lines = [f"monitor fuzz, expecting '{self.expect}', on {self.binary} "
-                 f"({self.elapsed:.0f} s)"]  # fmt: skip
+        lines = [
+            f"monitor fuzz, expecting '{self.expect}', on {self.binary} ({self.elapsed:.0f} s)"
+        ]
         for k, n in self.counts().items():
             lines.append(f"  {k:<28} {n}")
         by_inv: dict[str, int] = {}
@@ -957,28 +1180,31 @@ class FuzzReport:
             for b in c.broken:
                 by_inv[invariant_of(b)] = by_inv.get(invariant_of(b), 0) + 1
         if by_inv:
-            lines.append("  by invariant: " + ", ".join(f"{k}={n}" for k, n in
-                                                        sorted(by_inv.items())))  # fmt: skip
+            lines.append(
+                "  by invariant: " + ", ".join(f"{k}={n}" for k, n in sorted(by_inv.items()))
+            )
         if self.skipped:
             lines.append(f"  skipped on purpose: {', '.join(self.skipped)}")
         frames, dgrams = self.traffic_before
-        lines.append(f"  before the freeze: {frames} frames on the tap, {dgrams} datagrams "
-                     "at the listener (the capture works)")  # fmt: skip
+        lines.append(
+            f"  before the freeze: {frames} frames on the tap, {dgrams} datagrams "
+            "at the listener (the capture works)"
+        )
         if self.segments > 1:
             lines.append(f"  rigs booted (restarts after crashes): {self.segments}")
         for crash in self.crashes:
             lines.append(f"  CRASH: {crash}")
         if self.changed_overall:
-            lines.append(f"  images changed since before the fuzz: "
-                         f"{', '.join(self.changed_overall)}")  # fmt: skip
+            lines.append(
+                f"  images changed since before the fuzz: {', '.join(self.changed_overall)}"
+            )
         if self.not_run:
             lines.append(
                 "  not run: " + ", ".join(f"{k}({n})" for k, n in sorted(self.not_run.items())[:60])
             )
         fails = self.failures
         if fails:
-            lines.append(f"  calls that broke an invariant (first {max_failures} of "
-                         f"{len(fails)}):")  # fmt: skip
+            lines.append(f"  calls that broke an invariant (first {max_failures} of {len(fails)}):")
             lines += [f"    {c.line()}" for c in fails[:max_failures]]
         return "\n".join(lines)
 
@@ -1018,8 +1244,19 @@ def make_images(prefix: Path, wd: Path) -> tuple[Path, Path, Path]:
     base, ovl, tgt = wd / "base.qcow2", wd / "ovl.qcow2", wd / "tgt.raw"
     _img(prefix, "create", "-q", "-f", "qcow2", base, str(checks.IMAGE_SIZE))
     _io(prefix, "qcow2", base, "write -P 0x11 0 64k")
-    _img(prefix, "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", ovl,
-         str(checks.IMAGE_SIZE))  # fmt: skip
+    _img(
+        prefix,
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base,
+        "-F",
+        "qcow2",
+        ovl,
+        str(checks.IMAGE_SIZE),
+    )
     _io(prefix, "qcow2", ovl, "write -P 0x22 64k 64k")
     _img(prefix, "snapshot", "-c", "snap0", ovl)
     _io(prefix, "qcow2", ovl, "write -P 0x33 128k 64k")
@@ -1032,20 +1269,31 @@ def fuzz_extra_args(base: Path, ovl: Path) -> list[str]:
     snapshot, backing chain) on an IDE disk, an empty IDE CD, a user NIC on
     an e1000, and two chardevs the fuzz may change or remove."""
     ovl_node = {
-        "driver": "qcow2", "node-name": "ovl0",
+        "driver": "qcow2",
+        "node-name": "ovl0",
         "file": {"driver": "file", "filename": str(ovl), "node-name": "ovl0-file"},
-        "backing": {"driver": "qcow2", "node-name": "base0",
-                    "file": {"driver": "file", "filename": str(base), "node-name": "base0-file"}},
-    }  # fmt: skip
+        "backing": {
+            "driver": "qcow2",
+            "node-name": "base0",
+            "file": {"driver": "file", "filename": str(base), "node-name": "base0-file"},
+        },
+    }
     return [
-        "-blockdev", json.dumps(ovl_node),
-        "-device", "ide-hd,drive=ovl0,id=ide0,bus=ide.0,unit=0",
-        "-device", "ide-cd,id=cd0,bus=ide.1,unit=0",
-        "-netdev", "user,id=unet0,restrict=on",
-        "-device", "e1000,netdev=unet0,id=nic1,romfile=",
-        "-chardev", "null,id=fuzzchr0",
-        "-chardev", "ringbuf,id=fuzzring0",
-    ]  # fmt: skip
+        "-blockdev",
+        json.dumps(ovl_node),
+        "-device",
+        "ide-hd,drive=ovl0,id=ide0,bus=ide.0,unit=0",
+        "-device",
+        "ide-cd,id=cd0,bus=ide.1,unit=0",
+        "-netdev",
+        "user,id=unet0,restrict=on",
+        "-device",
+        "e1000,netdev=unet0,id=nic1,romfile=",
+        "-chardev",
+        "null,id=fuzzchr0",
+        "-chardev",
+        "ringbuf,id=fuzzring0",
+    ]
 
 
 @contextlib.contextmanager
@@ -1078,10 +1326,18 @@ def fuzz_rig(
     net = network or ("tap" if netns.netns_supported() is None else "user")
     sock_dir = Path(tempfile.mkdtemp(prefix="fz", dir="/tmp"))  # unix paths are short
     try:
-        with scratch_cwd(scratch / "cwd"), checks.probe_rig(
-            prefix, workdir / "rig", network=net, accel=accel, firmware_dirs=firmware_dirs,
-            extra_args=fuzz_extra_args(base, ovl), log_dir=log_dir,
-        ) as rig:  # fmt: skip
+        with (
+            scratch_cwd(scratch / "cwd"),
+            checks.probe_rig(
+                prefix,
+                workdir / "rig",
+                network=net,
+                accel=accel,
+                firmware_dirs=firmware_dirs,
+                extra_args=fuzz_extra_args(base, ovl),
+                log_dir=log_dir,
+            ) as rig,
+        ):
             vm = rig.vm
             vm.cmd(
                 "blockdev-add",
@@ -1093,8 +1349,16 @@ def fuzz_rig(
             )
             nbd = sock_dir / "pre.sock"
             vm.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd)}}})
-            vm.cmd("block-export-add", {"type": "nbd", "id": "pre", "node-name": checks.DISK_NODE,
-                                        "name": "pre", "writable": True})  # fmt: skip
+            vm.cmd(
+                "block-export-add",
+                {
+                    "type": "nbd",
+                    "id": "pre",
+                    "node-name": checks.DISK_NODE,
+                    "name": "pre",
+                    "writable": True,
+                },
+            )
             values = collect_values(rig, [rig.image, ovl, base, tgt])
             yield FuzzRig(rig, values, scratch, sock_dir, [nbd])
     finally:
@@ -1111,13 +1375,24 @@ def collect_values(rig: checks.Rig, images: list[Path]) -> RigValues:
     blk = [d for d in (checks.DEVICE_ID, "ide0", "cd0") if d in peripherals]
     nics = [d for d in (checks.NIC_ID, "nic1") if d in peripherals]
     return RigValues(
-        nodes=nodes, block_devices=blk, nics=nics, netdevs=[checks.NETDEV_ID, "unet0"],
-        chardevs=["fuzzchr0", "fuzzring0"], images=images, snapshots=["snap0"],
-        qom_paths=[f"/machine/peripheral/{d}" for d in (*blk, *nics)] + ["/machine",
-                                                                          "/objects"],
-        device_types=["virtio-blk-pci", "virtio-net-pci", "e1000", "ide-hd", "ide-cd",
-                      "virtio-rng-pci", "pvpanic"],
-    )  # fmt: skip
+        nodes=nodes,
+        block_devices=blk,
+        nics=nics,
+        netdevs=[checks.NETDEV_ID, "unet0"],
+        chardevs=["fuzzchr0", "fuzzring0"],
+        images=images,
+        snapshots=["snap0"],
+        qom_paths=[f"/machine/peripheral/{d}" for d in (*blk, *nics)] + ["/machine", "/objects"],
+        device_types=[
+            "virtio-blk-pci",
+            "virtio-net-pci",
+            "e1000",
+            "ide-hd",
+            "ide-cd",
+            "virtio-rng-pci",
+            "pvpanic",
+        ],
+    )
 
 
 # -- running it ------------------------------------------------------------------
@@ -1133,9 +1408,14 @@ class _Planned:
 class _Fuzzer:
     """One fuzz run over one rig; see :func:`run_fuzz`."""
 
-    def __init__(self, frig: FuzzRig, expect: str, call_timeout: float,
-                 restore: Callable[[checks.Rig], None] | None,
-                 log: Callable[[str], None] | None):  # fmt: skip
+    def __init__(
+        self,
+        frig: FuzzRig,
+        expect: str,
+        call_timeout: float,
+        restore: Callable[[checks.Rig], None] | None,
+        log: Callable[[str], None] | None,
+    ):
         self.frig = frig
         self.rig = frig.rig
         self.vm = frig.rig.vm
@@ -1175,8 +1455,16 @@ class _Fuzzer:
         digests = {p.name: checks.file_digest(p) for p in self.frig.images}
         locks = {p.name: held_lock_bytes(p) for p in self.frig.images}
         frames = len(self.rig.capture.datagrams()) if self.rig.capture is not None else 0
-        return Observation(alive, status, len(self.rig.records_printed()), digests, locks,
-                           len(self.rig.listener.datagrams()), frames, note)  # fmt: skip
+        return Observation(
+            alive,
+            status,
+            len(self.rig.records_printed()),
+            digests,
+            locks,
+            len(self.rig.listener.datagrams()),
+            frames,
+            note,
+        )
 
     # -- scratch paths
 
@@ -1420,8 +1708,7 @@ def plan_qmp(gen: ArgGenerator) -> list[_Planned]:
     names = [c for c in gen.commands() if c not in SKIP_QMP]
     order = {c: i for i, c in enumerate((*FIRST, *PRELUDE))}
     last = {c: i for i, c in enumerate(EPILOGUE)}
-    names.sort(key=lambda c: (0, order[c]) if c in order else
-               (2, last[c]) if c in last else (1, 0))  # fmt: skip
+    names.sort(key=lambda c: (0, order[c]) if c in order else (2, last[c]) if c in last else (1, 0))
     return [_Planned("qmp", c, a) for c in names for a in gen.arg_sets(c)]
 
 
@@ -1504,8 +1791,19 @@ def run_fuzz(
     restart they recreate what the crashed rig had (objects, chardevs ...).
     """
     with quiet_qmp_logging():
-        return _run_fuzz(frig, expect, deadlines or Deadlines.from_budget(budget_s), start,
-                         replay, stop, final, quit_at_end, call_timeout, restore, log)  # fmt: skip
+        return _run_fuzz(
+            frig,
+            expect,
+            deadlines or Deadlines.from_budget(budget_s),
+            start,
+            replay,
+            stop,
+            final,
+            quit_at_end,
+            call_timeout,
+            restore,
+            log,
+        )
 
 
 def _run_fuzz(
@@ -1538,9 +1836,15 @@ def _run_fuzz(
     # Serial output of the last record may still be in flight after the stop.
     time.sleep(0.5)
     first = fz.observe()
-    clean = Observation(True, "frozen" if expect == "frozen" else "paused", first.records,
-                        first.digests, {k: [] for k in first.locks}, first.datagrams,
-                        first.frames)  # fmt: skip
+    clean = Observation(
+        True,
+        "frozen" if expect == "frozen" else "paused",
+        first.records,
+        first.digests,
+        {k: [] for k in first.locks},
+        first.datagrams,
+        first.frames,
+    )
     setup = CallResult("setup", "state before the fuzz", f"(from call {start})", refused=True)
     setup.broken = breaks(clean, first, expect)
     fz.prev = first
@@ -1576,8 +1880,11 @@ def _run_fuzz(
             # The export opened before the freeze, last: on stock its write
             # may abort QEMU.
             for sock in frig.nbd_sockets[:1]:
-                fz.run_probe("nbd-client-write", f"{sock.name} export=pre (opened before)",
-                             functools.partial(fz._nbd_write, sock, "pre"))  # fmt: skip
+                fz.run_probe(
+                    "nbd-client-write",
+                    f"{sock.name} export=pre (opened before)",
+                    functools.partial(fz._nbd_write, sock, "pre"),
+                )
     if not fz.dead and final:
         time.sleep(2.0)  # late writers (jobs, detached dumps) get their chance
         tail = CallResult("setup", "after the fuzz (2 s later)", "", refused=True)
@@ -1585,8 +1892,7 @@ def _run_fuzz(
         tail.broken = breaks(fz.prev, now_obs, expect) if fz.prev else []
         if tail.broken:
             fz.report.calls.append(tail)
-        fz.report.changed_overall = [k for k, d in now_obs.digests.items()
-                                     if before.get(k) != d]  # fmt: skip
+        fz.report.changed_overall = [k for k, d in now_obs.digests.items() if before.get(k) != d]
         if quit_at_end and now_obs.alive:
             fz.report.calls.append(quit_check(frig))
     fz.report.elapsed = time.monotonic() - t0
@@ -1628,8 +1934,13 @@ def quit_hang_backtrace(pid: int, out: Path) -> str:
     if gdb is None:
         return "no gdb for a backtrace"
     try:
-        r = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt"],
-                           capture_output=True, text=True, timeout=90, check=False)  # fmt: skip
+        r = subprocess.run(
+            [gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
     except subprocess.SubprocessError as e:
         return f"gdb failed: {e!r}"
     out.write_text(r.stdout + r.stderr)
@@ -1676,8 +1987,15 @@ def fuzz_with_restarts(
                 crashed = set(merged.crashed_at) if merged else set()
                 size = min(start, merged.prelude_size) if merged else 0
                 replay = [j for j in range(size) if j not in crashed]
-                r = run_fuzz(frig, expect=expect, deadlines=dl, start=start, replay=replay,
-                             restore=restore, log=log)  # fmt: skip
+                r = run_fuzz(
+                    frig,
+                    expect=expect,
+                    deadlines=dl,
+                    start=start,
+                    replay=replay,
+                    restore=restore,
+                    log=log,
+                )
             except BaseException:
                 frig.rig.vm.mark_failed()
                 raise

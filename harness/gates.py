@@ -74,8 +74,9 @@ def shape(patch: Path) -> GateResult:
 def checkpatch(tree: Path, patch: Path) -> GateResult:
     """QEMU's scripts/checkpatch.pl on one patch file: 0 errors, 0 warnings."""
     script = tree / "scripts" / "checkpatch.pl"
-    proc = subprocess.run(["perl", str(script), "--no-color", str(patch)], cwd=tree,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["perl", str(script), "--no-color", str(patch)], cwd=tree, capture_output=True, text=True
+    )
     out = proc.stdout + proc.stderr
     total = re.search(r"total: (\d+) errors, (\d+) warnings", out)
     if not total:
@@ -83,9 +84,12 @@ def checkpatch(tree: Path, patch: Path) -> GateResult:
     errors, warnings = int(total.group(1)), int(total.group(2))
     ok = errors == 0 and warnings == 0 and proc.returncode == 0
     findings = "\n".join(ln for ln in out.splitlines() if ln.startswith(("ERROR", "WARNING")))
-    return GateResult("checkpatch", patch.name, ok,
-                      f"{errors} errors, {warnings} warnings" + (f"\n{findings}" if findings
-                                                                 else ""))
+    return GateResult(
+        "checkpatch",
+        patch.name,
+        ok,
+        f"{errors} errors, {warnings} warnings" + (f"\n{findings}" if findings else ""),
+    )
 
 
 #: what a bisect step proves, per project: part of the cached result's key
@@ -98,8 +102,9 @@ def _bisect_stamp_dir() -> Path:
     return path
 
 
-def bisect(tree: Tree, *, jobs: int | None = None,
-           deadline: float | None = None) -> list[GateResult]:
+def bisect(
+    tree: Tree, *, jobs: int | None = None, deadline: float | None = None
+) -> list[GateResult]:
     """Build every prefix of the series in one incremental build dir.
 
     The full series is the regular build, so prefixes 1..N-1 are built here,
@@ -111,31 +116,52 @@ def bisect(tree: Tree, *, jobs: int | None = None,
     results = []
     commits = subprocess.run(
         ["git", "-C", str(tree.path), "rev-list", "--reverse", "fixups..HEAD"],
-        check=True, capture_output=True, text=True).stdout.split()
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     if len(commits) != len(tree.patches):
-        raise build.BuildError(f"{tree.path}: {len(commits)} commits for "
-                               f"{len(tree.patches)} patches", tree.path / "build.log")
+        raise build.BuildError(
+            f"{tree.path}: {len(commits)} commits for {len(tree.patches)} patches",
+            tree.path / "build.log",
+        )
     options = build.project_options(tree.project)
     bisect_tree = config.cache_root() / "trees" / f"{tree.project}-bisect"
     for index, (commit, patch) in enumerate(zip(commits, tree.patches, strict=True), 1):
         if index == len(commits):
-            results.append(GateResult("bisect", patch.name, True,
-                                      "full series: built by the regular build"))
+            results.append(
+                GateResult("bisect", patch.name, True, "full series: built by the regular build")
+            )
             continue
-        key = hashlib.sha256((series_digest(list(tree.patches[:index])) + tree.base.ident +
-                              "\0".join(options) + build.RECIPE_VERSION +
-                              BISECT_CHECKS[tree.project]).encode()).hexdigest()
+        key = hashlib.sha256(
+            (
+                series_digest(list(tree.patches[:index]))
+                + tree.base.ident
+                + "\0".join(options)
+                + build.RECIPE_VERSION
+                + BISECT_CHECKS[tree.project]
+            ).encode()
+        ).hexdigest()
         stamp = _bisect_stamp_dir() / f"{tree.project}-{key[:16]}.json"
         cached = json.loads(stamp.read_text()) if stamp.exists() else None
         if cached and cached.get("key") == key:
-            results.append(GateResult("bisect", patch.name, cached["ok"],
-                                      cached["detail"] + " (cached result)"))
+            results.append(
+                GateResult(
+                    "bisect", patch.name, cached["ok"], cached["detail"] + " (cached result)"
+                )
+            )
             continue
         if deadline is not None and time.monotonic() > deadline:
-            results.append(GateResult(
-                "bisect", patch.name, True, skipped=True,
-                detail="not built: the bisect time budget ran out; "
-                       f"`frozen check --project {tree.project} --gate bisect` builds it"))
+            results.append(
+                GateResult(
+                    "bisect",
+                    patch.name,
+                    True,
+                    skipped=True,
+                    detail="not built: the bisect time budget ran out; "
+                    f"`frozen check --project {tree.project} --gate bisect` builds it",
+                )
+            )
             continue
         say(f"bisect {tree.project}: building patch {index}/{len(commits)} {patch.name}")
         result = _build_commit(tree, bisect_tree, commit, patch, options, jobs)
@@ -145,19 +171,23 @@ def bisect(tree: Tree, *, jobs: int | None = None,
     return results
 
 
-def _build_commit(tree: Tree, bisect_tree: Path, commit: str, patch: Path,
-                  options: list[str], jobs: int | None) -> GateResult:
+def _build_commit(
+    tree: Tree, bisect_tree: Path, commit: str, patch: Path, options: list[str], jobs: int | None
+) -> GateResult:
     if not (bisect_tree / ".git").exists():
-        subprocess.run(["git", "clone", "--quiet", "--shared", str(tree.path),
-                        str(bisect_tree)], check=True)
+        subprocess.run(
+            ["git", "clone", "--quiet", "--shared", str(tree.path), str(bisect_tree)], check=True
+        )
     sources.write_excludes(bisect_tree, tree.base)
     for path in tree.base.untracked:  # not in git, so not in the clone
         if not (bisect_tree / path).exists():
             shutil.copytree(tree.path / path, bisect_tree / path, symlinks=True)
-    subprocess.run(["git", "-C", str(bisect_tree), "fetch", "--quiet", str(tree.path), commit],
-                   check=True)
-    subprocess.run(["git", "-C", str(bisect_tree), "checkout", "--quiet", "--force", commit],
-                   check=True)
+    subprocess.run(
+        ["git", "-C", str(bisect_tree), "fetch", "--quiet", str(tree.path), commit], check=True
+    )
+    subprocess.run(
+        ["git", "-C", str(bisect_tree), "checkout", "--quiet", "--force", commit], check=True
+    )
     build_dir = bisect_tree / "build"
     build_dir.mkdir(exist_ok=True)
     log = build_dir / f"bisect-{patch.stem}.log"
@@ -168,19 +198,30 @@ def _build_commit(tree: Tree, bisect_tree: Path, commit: str, patch: Path,
     configured = build_dir / "frozen-options.txt"
     wanted = "\n".join(options)
     try:
-        if not (build_dir / "build.ninja").exists() or \
-                not configured.exists() or configured.read_text() != wanted:
+        if (
+            not (build_dir / "build.ninja").exists()
+            or not configured.exists()
+            or configured.read_text() != wanted
+        ):
             configured.unlink(missing_ok=True)
-            build.run_logged(build.configure_command(tree.project, bisect_tree, build_dir,
-                                                     bisect_tree / "prefix-unused"),
-                             log, env, "bisect configure", cwd=build_dir)
+            build.run_logged(
+                build.configure_command(
+                    tree.project, bisect_tree, build_dir, bisect_tree / "prefix-unused"
+                ),
+                log,
+                env,
+                "bisect configure",
+                cwd=build_dir,
+            )
             configured.write_text(wanted)
         if tree.project == "qemu":
-            build.run_logged(["make", "-C", str(build_dir), f"-j{jobs}"], log, env,
-                             f"bisect build {patch.name}")
+            build.run_logged(
+                ["make", "-C", str(build_dir), f"-j{jobs}"], log, env, f"bisect build {patch.name}"
+            )
         else:
-            build.run_logged(["ninja", "-C", str(build_dir), f"-j{jobs}"], log, env,
-                             f"bisect build {patch.name}")
+            build.run_logged(
+                ["ninja", "-C", str(build_dir), f"-j{jobs}"], log, env, f"bisect build {patch.name}"
+            )
     except build.BuildError as exc:
         return GateResult("bisect", patch.name, False, str(exc))
     if tree.project == "libvirt":
@@ -204,21 +245,32 @@ def _meson_test(build_dir: Path, patch: Path, env: dict[str, str], jobs: int) ->
     _testlog_path(build_dir).unlink(missing_ok=True)
     # Without --no-rebuild: some checks read files that only tests depend on
     # (the RPC headers of disabled drivers), which `ninja` alone does not make.
-    proc = subprocess.run(["meson", "test", "-C", str(build_dir),
-                           "--print-errorlogs", f"--num-processes={jobs}"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        ["meson", "test", "-C", str(build_dir), "--print-errorlogs", f"--num-processes={jobs}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     tests = _read_testlog(build_dir)
     if not tests:
-        return GateResult("bisect", patch.name, False, "builds, but meson test ran nothing:\n"
-                          + (proc.stdout + proc.stderr)[-1500:])
+        return GateResult(
+            "bisect",
+            patch.name,
+            False,
+            "builds, but meson test ran nothing:\n" + (proc.stdout + proc.stderr)[-1500:],
+        )
     counts: dict[str, int] = {}
     for test in tests:
         counts[test["result"]] = counts.get(test["result"], 0) + 1
     summary = ", ".join(f"{n} {result.lower()}" for result, n in sorted(counts.items()))
     failed = [t["name"] for t in tests if t["result"] not in ("OK", "SKIP", "EXPECTEDFAIL")]
     if failed or proc.returncode != 0:
-        return GateResult("bisect", patch.name, False,
-                          f"builds; meson test: {summary}; failing: {', '.join(failed)}")
+        return GateResult(
+            "bisect",
+            patch.name,
+            False,
+            f"builds; meson test: {summary}; failing: {', '.join(failed)}",
+        )
     return GateResult("bisect", patch.name, True, f"builds; meson test: {summary}")
 
 
@@ -238,21 +290,32 @@ def debian_apply(project: str, files: list[Path]) -> list[GateResult]:
     except distro.DistroError as exc:
         return [GateResult("debian-apply", "debian/patches/series", False, str(exc))]
     shifted = sum(bool(o.offsets) for o in tree.debian_patches)
-    results = [GateResult("debian-apply", "debian/patches/series", True,
-                          f"Debian's {len(tree.debian_patches)} patches pushed with fuzz 0 "
-                          f"({shifted} with offset)")]
+    results = [
+        GateResult(
+            "debian-apply",
+            "debian/patches/series",
+            True,
+            f"Debian's {len(tree.debian_patches)} patches pushed with fuzz 0 "
+            f"({shifted} with offset)",
+        )
+    ]
     entries = [(f"frozen/{p.name}", p) for p in files]
     outcomes = {o.patch: o for o in distro.push_ours(tree, entries)}
     for line, _ in entries:
         outcome = outcomes.get(line)
         if outcome is None:
-            results.append(GateResult("debian-apply", line, False,
-                                      "not tried: an earlier patch does not apply"))
+            results.append(
+                GateResult(
+                    "debian-apply", line, False, "not tried: an earlier patch does not apply"
+                )
+            )
             continue
-        detail = outcome.status + (": " + "; ".join(outcome.offsets) if outcome.offsets
-                                   else "") + (f"\n{outcome.detail}" if outcome.detail else "")
-        results.append(GateResult("debian-apply", line.removeprefix("frozen/"), outcome.ok,
-                                  detail))
+        detail = (
+            outcome.status
+            + (": " + "; ".join(outcome.offsets) if outcome.offsets else "")
+            + (f"\n{outcome.detail}" if outcome.detail else "")
+        )
+        results.append(GateResult("debian-apply", line.removeprefix("frozen/"), outcome.ok, detail))
     distro.reset(tree)
     return results
 
@@ -270,22 +333,50 @@ def syntax_check(tree: Path) -> list[GateResult]:
     """
     build_dir = tree / "build"
     if not (build_dir / "build.ninja").exists():
-        return [GateResult("syntax-check", tree.name, False,
-                           f"{build_dir} is not configured: run `frozen build --project libvirt`")]
-    proc = subprocess.run(["meson", "test", "-C", str(build_dir), "--no-rebuild",
-                           "--suite", "syntax-check", "--print-errorlogs"],
-                          capture_output=True, text=True, env=build.build_env(tree))
+        return [
+            GateResult(
+                "syntax-check",
+                tree.name,
+                False,
+                f"{build_dir} is not configured: run `frozen build --project libvirt`",
+            )
+        ]
+    proc = subprocess.run(
+        [
+            "meson",
+            "test",
+            "-C",
+            str(build_dir),
+            "--no-rebuild",
+            "--suite",
+            "syntax-check",
+            "--print-errorlogs",
+        ],
+        capture_output=True,
+        text=True,
+        env=build.build_env(tree),
+    )
     tests = _read_testlog(build_dir)
     if not tests:
-        return [GateResult("syntax-check", tree.name, False,
-                           "no syntax-check results:\n" + (proc.stdout + proc.stderr)[-1500:])]
+        return [
+            GateResult(
+                "syntax-check",
+                tree.name,
+                False,
+                "no syntax-check results:\n" + (proc.stdout + proc.stderr)[-1500:],
+            )
+        ]
     touched = _touched_files(tree)
     return [_judge_syntax_check(test, tree, touched) for test in tests]
 
 
 def _touched_files(tree: Path) -> set[str]:
-    out = subprocess.run(["git", "-C", str(tree), "diff", "--name-only", "fixups..HEAD"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "-C", str(tree), "diff", "--name-only", "fixups..HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return set(out.split())
 
 
@@ -293,23 +384,34 @@ def _judge_syntax_check(test: dict, tree: Path, touched: set[str]) -> GateResult
     name = test["name"].rsplit(":", 1)[-1]
     if test["result"] in ("OK", "SKIP"):
         return GateResult("syntax-check", name, True, skipped=test["result"] == "SKIP")
-    findings = [ln for ln in (test.get("stdout") or "").splitlines()
-                if not ln.startswith(("make:", "make[")) and ln.strip()]
+    findings = [
+        ln
+        for ln in (test.get("stdout") or "").splitlines()
+        if not ln.startswith(("make:", "make[")) and ln.strip()
+    ]
     ours = [ln for ln in findings if any(f in ln for f in touched)]
-    names_files = any(str(tree) + "/" in ln or re.match(r"^[-+][\w./-]+$", ln)
-                      for ln in findings)
+    names_files = any(str(tree) + "/" in ln or re.match(r"^[-+][\w./-]+$", ln) for ln in findings)
     if ours or not names_files:
         return GateResult("syntax-check", name, False, "\n".join((ours or findings)[:30]))
-    return GateResult("syntax-check", name, True,
-                      "fails only on files the series does not touch:\n" +
-                      "\n".join(findings[:5]))
+    return GateResult(
+        "syntax-check",
+        name,
+        True,
+        "fails only on files the series does not touch:\n" + "\n".join(findings[:5]),
+    )
 
 
 GATES = ("shape", "checkpatch", "syntax-check", "debian-apply", "bisect", "qemu-suites")
 
 
-def run_gate(project: str, gate: str, *, local: Path | None = None,
-             jobs: int | None = None, deadline: float | None = None) -> list[GateResult]:
+def run_gate(
+    project: str,
+    gate: str,
+    *,
+    local: Path | None = None,
+    jobs: int | None = None,
+    deadline: float | None = None,
+) -> list[GateResult]:
     """The results of one gate on `project`'s series; [] where it does not apply."""
     files = patches.series(project)
     if gate == "shape":
@@ -318,10 +420,12 @@ def run_gate(project: str, gate: str, *, local: Path | None = None,
         return []  # resource-agents is shell: nothing to build or check with C tools
     if gate == "debian-apply":
         return debian_apply(project, files)
-    applies = {"checkpatch": project == "qemu" and bool(files),
-               "syntax-check": project == "libvirt",
-               "bisect": bool(files),
-               "qemu-suites": project == "qemu"}
+    applies = {
+        "checkpatch": project == "qemu" and bool(files),
+        "syntax-check": project == "libvirt",
+        "bisect": bool(files),
+        "qemu-suites": project == "qemu",
+    }
     if gate not in applies:
         raise ValueError(f"unknown gate {gate!r} (expected one of {GATES})")
     if not applies[gate]:
@@ -336,8 +440,9 @@ def run_gate(project: str, gate: str, *, local: Path | None = None,
     return bisect(tree, jobs=jobs, deadline=deadline)
 
 
-def qemu_suites_gate(*, local: Path | None = None, jobs: int | None = None,
-                     deadline: float | None = None) -> list[GateResult]:
+def qemu_suites_gate(
+    *, local: Path | None = None, jobs: int | None = None, deadline: float | None = None
+) -> list[GateResult]:
     """QEMU's suites in the stock and frozen builds (each built or reused)."""
     stock = build.build(patches.prepare("qemu", "stock", local=local), jobs=jobs)
     frozen = build.build(patches.prepare("qemu", "frozen", local=local), jobs=jobs)
@@ -347,10 +452,13 @@ def qemu_suites_gate(*, local: Path | None = None, jobs: int | None = None,
     for c in results:
         detail = f"{c.verdict}: stock {c.stock.result}, frozen {c.frozen.result}"
         if c.verdict == "not run":
-            detail += ("; the time budget ran out: "
-                       "`frozen check --project qemu --gate qemu-suites` runs it")
+            detail += (
+                "; the time budget ran out: "
+                "`frozen check --project qemu --gate qemu-suites` runs it"
+            )
         elif not c.ok and not c.skipped:
             detail += "\n" + (c.frozen.detail or c.stock.detail)
-        out.append(GateResult("qemu-suites", c.test.label, c.ok or c.skipped, detail,
-                              skipped=c.skipped))
+        out.append(
+            GateResult("qemu-suites", c.test.label, c.ok or c.skipped, detail, skipped=c.skipped)
+        )
     return out

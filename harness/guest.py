@@ -33,18 +33,35 @@ PROBE_DIR = Path(__file__).resolve().parent / "probe"
 
 #: Sources shared by both images, in link order (entry object first).
 COMMON_SOURCES = (
-    "cpu.S", "lib.c", "console.c", "pci.c", "fwcfg.c",
-    "virtio.c", "blk.c", "net.c", "time.c", "watchdog.c", "main.c",
-)  # fmt: skip
+    "cpu.S",
+    "lib.c",
+    "console.c",
+    "pci.c",
+    "fwcfg.c",
+    "virtio.c",
+    "blk.c",
+    "net.c",
+    "time.c",
+    "watchdog.c",
+    "main.c",
+)
 HEADERS = ("probe.h",)
 KERNEL_ENTRY, KERNEL_LDS = "multiboot.S", "probe.ld"
 BIOS_ENTRY, BIOS_LDS = "bios.S", "probe-bios.ld"
 
 CFLAGS = (
-    "-m32", "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-stack-protector", "-Os",
+    "-m32",
+    "-ffreestanding",
+    "-nostdlib",
+    "-fno-pic",
+    "-fno-stack-protector",
+    "-Os",
     # Only integer registers: no SSE/x87 code that an instruction emulator may lack.
-    "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-Wall", "-Wextra",
-)  # fmt: skip
+    "-mgeneral-regs-only",
+    "-fno-asynchronous-unwind-tables",
+    "-Wall",
+    "-Wextra",
+)
 LDFLAGS = ("-no-pie", "-static", "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments")
 
 #: fw_cfg file the probe reads its settings from (the only channel with -bios).
@@ -77,8 +94,7 @@ class ProbeImages:
 def compiler_version(cc: str = "gcc") -> str:
     """``cc --version``: part of the cache key of everything ``cc`` builds."""
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True,
-                              check=False).stdout
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     except OSError as e:
         raise ProbeBuildError(f"cannot run the C compiler {cc!r}: {e}") from e
 
@@ -125,8 +141,10 @@ def build_probe_images(out_dir: Path, *, cc: str = "gcc", objcopy: str = "objcop
     try:
         _link(cc, KERNEL_ENTRY, KERNEL_LDS, tmp / "probe.elf")
         _link(cc, BIOS_ENTRY, BIOS_LDS, tmp / "probe-bios.elf")
-        _run([objcopy, "-O", "binary", str(tmp / "probe-bios.elf"), str(tmp / "probe.bin")],
-             "firmware image")  # fmt: skip
+        _run(
+            [objcopy, "-O", "binary", str(tmp / "probe-bios.elf"), str(tmp / "probe.bin")],
+            "firmware image",
+        )
         size = (tmp / "probe.bin").stat().st_size
         if size != BIOS_SIZE:
             raise ProbeBuildError(f"probe firmware image is {size} bytes, expected {BIOS_SIZE}")
@@ -271,9 +289,13 @@ def probe_cmdline(
 ) -> str:
     """The probe's command line; ``more`` takes any other ``ProbeConfig`` field."""
     cfg = ProbeConfig(
-        marker=marker, dst_ip=dst_ip, dst_port=dst_port, src_ip=src_ip, gw_mac=gw_mac,
+        marker=marker,
+        dst_ip=dst_ip,
+        dst_port=dst_port,
+        src_ip=src_ip,
+        gw_mac=gw_mac,
         **more,  # type: ignore[arg-type]
-    )  # fmt: skip
+    )
     return cfg.cmdline()
 
 

@@ -42,16 +42,27 @@ from pathlib import Path
 from harness import config, guest
 
 #: The pinned packages: (name, version, sha256 of the .deb).
-KERNEL_PACKAGE = ("linux-image-6.1.0-50-amd64", "6.1.176-1",
-                  "7b5597492a0a65aee61985a492e6bcc3f2cde830072a0e3b3d8c7e1b90279bd3")  # fmt: skip
-BUSYBOX_PACKAGE = ("busybox-static", "1:1.35.0-4+deb12u1+b1",
-                   "3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744")  # fmt: skip
+KERNEL_PACKAGE = (
+    "linux-image-6.1.0-50-amd64",
+    "6.1.176-1",
+    "7b5597492a0a65aee61985a492e6bcc3f2cde830072a0e3b3d8c7e1b90279bd3",
+)
+BUSYBOX_PACKAGE = (
+    "busybox-static",
+    "1:1.35.0-4+deb12u1+b1",
+    "3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744",
+)
 
 #: Modules the guest needs (their dependencies are added from modinfo).
 WANTED_MODULES = (
-    "virtio_pci", "virtio_blk", "virtio_net", "pvpanic_mmio", "pvpanic_pci",
-    "i6300esb", "ib700wdt",
-)  # fmt: skip
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "pvpanic_mmio",
+    "pvpanic_pci",
+    "i6300esb",
+    "ib700wdt",
+)
 #: Watchdog drivers: /init loads only the configured one, so it owns /dev/watchdog.
 WATCHDOG_MODULES = {"i6300esb": ("i6300esb", "heartbeat"), "ib700": ("ib700wdt", "timeout")}
 #: Bumped when the image layout changes without a source change.
@@ -80,8 +91,9 @@ def deb_filename(name: str, version: str) -> str:
 
 def apt_index_sha256(name: str, version: str) -> str | None:
     """The sha256 the machine's apt index lists for name=version, if any."""
-    r = subprocess.run(["apt-cache", "show", f"{name}={version}"],
-                       capture_output=True, text=True, check=False)  # fmt: skip
+    r = subprocess.run(
+        ["apt-cache", "show", f"{name}={version}"], capture_output=True, text=True, check=False
+    )
     m = re.search(r"^SHA256: ([0-9a-f]{64})$", r.stdout, re.M)
     return m.group(1) if r.returncode == 0 and m else None
 
@@ -111,8 +123,13 @@ def fetch_deb(pkg: tuple[str, str, str], dest: Path) -> Path:
             raise LinuxGuestError(f"{name}={version}: apt index sha256 {indexed} != pin {sha}")
         tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=dest))
         try:
-            r = subprocess.run(["apt-get", "download", "-q", f"{name}={version}"], cwd=tmp,
-                               capture_output=True, text=True, check=False)  # fmt: skip
+            r = subprocess.run(
+                ["apt-get", "download", "-q", f"{name}={version}"],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             got = tmp / path.name
             if r.returncode != 0 or not got.is_file():
                 raise LinuxGuestError(f"apt-get download {name}={version}: {r.stderr.strip()}")
@@ -128,8 +145,9 @@ def fetch_deb(pkg: tuple[str, str, str], dest: Path) -> Path:
 
 def unpack_deb(deb: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)],
-                       capture_output=True, text=True, check=False)  # fmt: skip
+    r = subprocess.run(
+        ["dpkg-deb", "-x", str(deb), str(dest)], capture_output=True, text=True, check=False
+    )
     if r.returncode != 0:
         raise LinuxGuestError(f"dpkg-deb -x {deb.name}: {r.stderr.strip()}")
 
@@ -310,9 +328,21 @@ def cpio_newc(entries: Iterable[CpioEntry]) -> bytes:
 
     for ino, e in enumerate([*entries, CpioEntry("TRAILER!!!", 0)], start=1):
         name = e.name.encode() + b"\0"
-        fields = (ino if e.name != "TRAILER!!!" else 0, e.mode, 0, 0,
-                  2 if e.mode & S_IFDIR == S_IFDIR else 1, 0, len(e.data), 0, 0,
-                  e.rdev[0], e.rdev[1], len(name), 0)  # fmt: skip
+        fields = (
+            ino if e.name != "TRAILER!!!" else 0,
+            e.mode,
+            0,
+            0,
+            2 if e.mode & S_IFDIR == S_IFDIR else 1,
+            0,
+            len(e.data),
+            0,
+            0,
+            e.rdev[0],
+            e.rdev[1],
+            len(name),
+            0,
+        )
         out += b"070701" + b"".join(f"{f:08x}".encode() for f in fields) + name
         pad()
         out += e.data
@@ -343,9 +373,15 @@ class LinuxConfig:
 
     def __post_init__(self) -> None:
         # Reuse the probe's validation of the shared fields.
-        guest.ProbeConfig(marker=self.marker, dst_port=self.dst_port, dst_ip=self.dst_ip,
-                          src_ip=self.src_ip, netmask=self.netmask, gateway=self.gateway,
-                          sectors=self.sectors)  # fmt: skip
+        guest.ProbeConfig(
+            marker=self.marker,
+            dst_port=self.dst_port,
+            dst_ip=self.dst_ip,
+            src_ip=self.src_ip,
+            netmask=self.netmask,
+            gateway=self.gateway,
+            sectors=self.sectors,
+        )
         if self.watchdog not in WATCHDOG_MODULES:
             raise ValueError(f"watchdog must be one of {sorted(WATCHDOG_MODULES)}")
         if not 1 <= self.wdt_timeout_s <= 30:
@@ -375,8 +411,7 @@ class LinuxConfig:
     def cmdline(self) -> str:
         # panic=0: stay in panic (no reboot) so the host sees the panicked VM;
         # cryptomgr.notests: the boot-time crypto self-tests take ~2 s under TCG.
-        kernel = ["console=ttyS0", "panic=0", "tsc=reliable", "no_timer_check",
-                  "cryptomgr.notests"]  # fmt: skip
+        kernel = ["console=ttyS0", "panic=0", "tsc=reliable", "no_timer_check", "cryptomgr.notests"]
         if self.quiet:
             kernel.append("quiet")
         return " ".join([*kernel, *(f"frozen.{k}={v}" for k, v in self.options().items())])
@@ -391,8 +426,7 @@ class LinuxImages:
 
     def boot_args(self, cfg: LinuxConfig) -> list[str]:
         """QEMU arguments: direct kernel boot with the initramfs and settings."""
-        return ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
-                "-append", cfg.cmdline()]  # fmt: skip
+        return ["-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", cfg.cmdline()]
 
 
 def host_accel() -> str:
@@ -597,8 +631,9 @@ HELPER_CFLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra")
 def build_helper(out: Path, cc: str = "gcc") -> None:
     src = out.with_suffix(".c")
     src.write_text(FRZREC_C)
-    r = subprocess.run([cc, *HELPER_CFLAGS, "-o", str(out), str(src)],
-                       capture_output=True, text=True, check=False)  # fmt: skip
+    r = subprocess.run(
+        [cc, *HELPER_CFLAGS, "-o", str(out), str(src)], capture_output=True, text=True, check=False
+    )
     if r.returncode != 0:
         raise LinuxGuestError(f"building frzrec failed:\n{r.stdout}{r.stderr}")
 
@@ -606,9 +641,21 @@ def build_helper(out: Path, cc: str = "gcc") -> None:
 def initramfs_entries(
     busybox: bytes, helper: bytes, moddir: Path, modules: Sequence[str]
 ) -> list[CpioEntry]:
-    entries = [CpioEntry(d, S_IFDIR | 0o755) for d in ("bin", "dev", "etc", "etc/frozen",
-                                                       "lib", "lib/modules", "proc", "run",
-                                                       "sys", "tmp")]  # fmt: skip
+    entries = [
+        CpioEntry(d, S_IFDIR | 0o755)
+        for d in (
+            "bin",
+            "dev",
+            "etc",
+            "etc/frozen",
+            "lib",
+            "lib/modules",
+            "proc",
+            "run",
+            "sys",
+            "tmp",
+        )
+    ]
     # The kernel opens /dev/console for init before devtmpfs is mounted.
     entries.append(CpioEntry("dev/console", S_IFCHR | 0o600, rdev=(5, 1)))
     entries += [
@@ -616,9 +663,10 @@ def initramfs_entries(
         CpioEntry("bin/busybox", S_IFREG | 0o755, busybox),
         CpioEntry("bin/sh", S_IFLNK | 0o777, b"busybox"),
         CpioEntry("bin/frzrec", S_IFREG | 0o755, helper),
-        CpioEntry("etc/frozen/modules", S_IFREG | 0o644,
-                  "".join(f"{m}\n" for m in modules).encode()),
-    ]  # fmt: skip
+        CpioEntry(
+            "etc/frozen/modules", S_IFREG | 0o644, "".join(f"{m}\n" for m in modules).encode()
+        ),
+    ]
     dirs: set[str] = set()
     for m in modules:
         parts = m.split("/")[:-1]
@@ -678,8 +726,12 @@ def build_linux_guest(out_dir: Path | None = None, *, cc: str = "gcc") -> LinuxI
         dep = generate_modules_dep(moddir)
         modules = resolve_modules(parse_modules_dep(dep), WANTED_MODULES)
         build_helper(tmp / "frzrec", cc)
-        entries = initramfs_entries((tmp / "busybox" / "bin" / "busybox").read_bytes(),
-                                    (tmp / "frzrec").read_bytes(), moddir, modules)  # fmt: skip
+        entries = initramfs_entries(
+            (tmp / "busybox" / "bin" / "busybox").read_bytes(),
+            (tmp / "frzrec").read_bytes(),
+            moddir,
+            modules,
+        )
         (tmp / "out" / "initrd.cpio").write_bytes(cpio_newc(entries))
         (tmp / "out" / "modules.dep").write_text(dep)
         try:

@@ -56,8 +56,10 @@ def parse_series(text: str, origin: str = "series") -> list[str]:
             continue
         name, *options = line.split()
         if options and options != ["-p1"]:
-            raise SeriesError(f"{origin}:{lineno}: unsupported options {' '.join(options)!r} "
-                              f"for {name} (only -p1 is applied)")
+            raise SeriesError(
+                f"{origin}:{lineno}: unsupported options {' '.join(options)!r} "
+                f"for {name} (only -p1 is applied)"
+            )
         if "/" in name or name in (".", ".."):
             raise SeriesError(f"{origin}:{lineno}: {name!r} is not a file name in this dir")
         if name in names:
@@ -98,8 +100,11 @@ def series_digest(paths: list[Path]) -> str:
 
 def _failing_hunk(tree: Path, patch: Path) -> str:
     """`git apply --check -v` output narrowed to the failing file and hunk."""
-    proc = subprocess.run(["git", "-C", str(tree), "apply", "--check", "-v", str(patch)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["git", "-C", str(tree), "apply", "--check", "-v", str(patch)],
+        capture_output=True,
+        text=True,
+    )
     out = proc.stderr + proc.stdout
     failed = re.findall(r"^error: patch failed: (\S+)$", out, re.M)
     searched = re.search(r"^error: while searching for:\n(.*?)(?=^error:)", out, re.M | re.S)
@@ -119,7 +124,8 @@ def apply_series(tree: Path, paths: list[Path]) -> None:
     for path in paths:
         proc = subprocess.run(
             ["git", "-C", str(tree), "am", "--no-3way", "--quiet", "--keep-cr", str(path)],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             subprocess.run(["git", "-C", str(tree), "am", "--abort"], capture_output=True)
@@ -155,15 +161,17 @@ def _state(path: Path) -> dict | None:
 
 
 def _head(path: Path) -> str:
-    return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(path), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _check_not_busy(path: Path, state: dict | None, force: bool) -> None:
     if force or not (path / ".git").exists():
         return
-    dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(path), "status", "--porcelain"], capture_output=True, text=True
+    ).stdout.strip()
     moved = state is None or _head(path) != state.get("head")
     if dirty or moved:
         what = "uncommitted changes" if dirty else "commits that are not in the series"
@@ -173,9 +181,15 @@ def _check_not_busy(path: Path, state: dict | None, force: bool) -> None:
         )
 
 
-def prepare(project: str, variant: str = "frozen", *, local: Path | None = None,
-            path: Path | None = None, force: bool = False,
-            series_dir: Path | None = None) -> Tree:
+def prepare(
+    project: str,
+    variant: str = "frozen",
+    *,
+    local: Path | None = None,
+    path: Path | None = None,
+    force: bool = False,
+    series_dir: Path | None = None,
+) -> Tree:
     """A work tree of `project` with the series applied, reused when current.
 
     The tree is re-made only when its base changed; a changed series is
@@ -188,22 +202,26 @@ def prepare(project: str, variant: str = "frozen", *, local: Path | None = None,
     state = _state(path)
     if (path / ".git").is_dir():
         sources.write_excludes(path, base)
-    if state and state.get("base") == base.ident and state.get("series") == digest \
-            and _head(path) == state.get("head"):
+    if (
+        state
+        and state.get("base") == base.ident
+        and state.get("series") == digest
+        and _head(path) == state.get("head")
+    ):
         return Tree(project, variant, path, base, tuple(patches))
     _check_not_busy(path, state, force)
     if state and state.get("base") == base.ident:
         say(f"re-applying the {project} series in {path}")
-        subprocess.run(["git", "-C", str(path), "reset", "--quiet", "--hard", "fixups"],
-                       check=True)
+        subprocess.run(["git", "-C", str(path), "reset", "--quiet", "--hard", "fixups"], check=True)
         # Without -x: ignored paths (the build dir, untracked submodules) stay.
         subprocess.run(["git", "-C", str(path), "clean", "-q", "-fd"], check=True)
     else:
         sources.make_tree(base, path)
     say(f"applying {len(patches)} patch(es) to {project} ({variant})")
     apply_series(path, patches)
-    (path / ".git" / STATE_FILE).write_text(json.dumps(
-        {"base": base.ident, "series": digest, "head": _head(path)}, indent=1))
+    (path / ".git" / STATE_FILE).write_text(
+        json.dumps({"base": base.ident, "series": digest, "head": _head(path)}, indent=1)
+    )
     return Tree(project, variant, path, base, tuple(patches))
 
 
@@ -215,9 +233,19 @@ def refresh(project: str, tree: Path | None = None, directory: Path | None = Non
     # Old files go only once the new ones exist, so a failure loses nothing.
     old = set(directory.glob("*.patch"))
     proc = subprocess.run(
-        ["git", "-C", str(tree), "format-patch", "--zero-commit", "--no-signature",
-         "-o", str(directory), "fixups..HEAD"],
-        capture_output=True, text=True,
+        [
+            "git",
+            "-C",
+            str(tree),
+            "format-patch",
+            "--zero-commit",
+            "--no-signature",
+            "-o",
+            str(directory),
+            "fixups..HEAD",
+        ],
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise SeriesError(f"git format-patch failed in {tree}:\n{proc.stderr}")

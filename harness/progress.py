@@ -34,8 +34,12 @@ class Progress:
             return
         percent = min(100, done * 100 // self.total)
         if self._tty:
-            print(f"\rfrozen: {self.label}: {percent:3d}% ({done}/{self.total}{self.unit})",
-                  end="", file=sys.stderr, flush=True)
+            print(
+                f"\rfrozen: {self.label}: {percent:3d}% ({done}/{self.total}{self.unit})",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         elif percent >= self._next:
             say(f"{self.label}: {percent}% ({done}/{self.total}{self.unit})")
             self._next = (percent // self.step + 1) * self.step

@@ -50,17 +50,50 @@ DETAIL_TAIL = 1500
 #: inactive nodes and migration of block devices, NBD and exports, jobs
 #: (mirror, backup, commit, stream), internal snapshots, I/O errors.
 CLOSE_IOTESTS = (
-    "inactive-node-nbd", "qsd-migrate", "migrate-during-backup", "migration-permissions",
-    "backing-file-invalidation", "export-incoming-iothread", "iothreads-nbd-export",
-    "nbd-multiconn", "nbd-qemu-allocation", "nbd-reconnect-on-open", "qsd-jobs",
-    "mirror-top-perms", "mirror-ready-cancel-error", "mirror-change-copy-mode",
-    "mirror-sparse", "backup-discard-source", "copy-before-write", "image-fleecing",
-    "commit-zero-blocks", "iothreads-commit-active", "stream-error-on-reset",
-    "stream-under-throttle", "iothreads-stream", "qcow2-internal-snapshots",
-    "file-io-error", "graph-changes-while-io",
-    "030", "040", "041", "055", "056", "094", "118", "124", "141", "151", "181",
-    "185", "223", "234", "240", "245", "307",
-)  # fmt: skip
+    "inactive-node-nbd",
+    "qsd-migrate",
+    "migrate-during-backup",
+    "migration-permissions",
+    "backing-file-invalidation",
+    "export-incoming-iothread",
+    "iothreads-nbd-export",
+    "nbd-multiconn",
+    "nbd-qemu-allocation",
+    "nbd-reconnect-on-open",
+    "qsd-jobs",
+    "mirror-top-perms",
+    "mirror-ready-cancel-error",
+    "mirror-change-copy-mode",
+    "mirror-sparse",
+    "backup-discard-source",
+    "copy-before-write",
+    "image-fleecing",
+    "commit-zero-blocks",
+    "iothreads-commit-active",
+    "stream-error-on-reset",
+    "stream-under-throttle",
+    "iothreads-stream",
+    "qcow2-internal-snapshots",
+    "file-io-error",
+    "graph-changes-while-io",
+    "030",
+    "040",
+    "041",
+    "055",
+    "056",
+    "094",
+    "118",
+    "124",
+    "141",
+    "151",
+    "181",
+    "185",
+    "223",
+    "234",
+    "240",
+    "245",
+    "307",
+)
 
 TAP_RE = re.compile(r"^(?P<not>not )?ok \S+ (?P<name>\S+)(?: # (?P<directive>SKIP|TODO)\b.*)?$")
 
@@ -188,9 +221,16 @@ def run_group(cmd: list[str], *, cwd: Path | None, env: dict[str, str], timeout:
     own: on a timeout, or when the gate itself is interrupted, every one of
     them is killed by the group's ID instead of being left running.
     """
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, errors="replace",
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
         return Finished(proc.returncode, out, err)
@@ -265,10 +305,21 @@ def run_qtest(install: build.Install, name: str) -> SideResult:
     log.unlink(missing_ok=True)
     start = time.monotonic()
     proc = run_group(
-        ["meson", "test", "-C", str(install.build_dir), "--no-rebuild", "--num-processes=1",
-         "--logbase", logbase, f"{QTEST_SUITE}/{name}"],
-        cwd=None, env=build.build_env(install.tree), timeout=QTEST_TIMEOUT_S,
-    )  # fmt: skip
+        [
+            "meson",
+            "test",
+            "-C",
+            str(install.build_dir),
+            "--no-rebuild",
+            "--num-processes=1",
+            "--logbase",
+            logbase,
+            f"{QTEST_SUITE}/{name}",
+        ],
+        cwd=None,
+        env=build.build_env(install.tree),
+        timeout=QTEST_TIMEOUT_S,
+    )
     seconds = time.monotonic() - start
     if proc.returncode is None:
         return SideResult("fail", f"meson test hung for {QTEST_TIMEOUT_S:.0f} s", seconds)

@@ -81,8 +81,13 @@ def _parse_deb822(text: str) -> list[AptEntry]:
         if fields.get("enabled", "yes").lower() == "no":
             continue
         for uri in fields.get("uris", "").split():
-            entries.append(AptEntry(uri.rstrip("/"), tuple(fields.get("suites", "").split()),
-                                    fields.get("signed-by") or None))
+            entries.append(
+                AptEntry(
+                    uri.rstrip("/"),
+                    tuple(fields.get("suites", "").split()),
+                    fields.get("signed-by") or None,
+                )
+            )
     return entries
 
 
@@ -102,8 +107,7 @@ def _parse_one_line(text: str) -> list[AptEntry]:
             rest = match.group(2)
         words = rest.split()
         if len(words) >= 2:
-            entries.append(AptEntry(words[0].rstrip("/"), (words[1],),
-                                    options.get("signed-by")))
+            entries.append(AptEntry(words[0].rstrip("/"), (words[1],), options.get("signed-by")))
     return entries
 
 
@@ -182,37 +186,54 @@ class PrivateApt:
 
     def _options(self) -> list[str]:
         return [
-            "-o", f"Dir::Etc::SourceList={self.sources_list}",
-            "-o", "Dir::Etc::SourceParts=/nonexistent",
-            "-o", f"Dir::State::Lists={self.lists}",
-            "-o", f"Dir::Cache={self.cache}",
-            "-o", "APT::Sandbox::User=root",
+            "-o",
+            f"Dir::Etc::SourceList={self.sources_list}",
+            "-o",
+            "Dir::Etc::SourceParts=/nonexistent",
+            "-o",
+            f"Dir::State::Lists={self.lists}",
+            "-o",
+            f"Dir::Cache={self.cache}",
+            "-o",
+            "APT::Sandbox::User=root",
         ]
 
     def _fresh(self) -> bool:
         import time
 
         stamps = list(self.lists.glob("*_Sources*"))
-        return bool(stamps) and all(time.time() - p.stat().st_mtime < INDEX_MAX_AGE_S
-                                    for p in stamps)
+        return bool(stamps) and all(
+            time.time() - p.stat().st_mtime < INDEX_MAX_AGE_S for p in stamps
+        )
 
     def update(self) -> None:
         if self._fresh():
             return
         say("apt-get update (private deb-src index)")
-        proc = subprocess.run(["apt-get", *self._options(), "update"],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["apt-get", *self._options(), "update"], capture_output=True, text=True
+        )
         if proc.returncode != 0:
-            raise SourceError(f"apt-get update of the private deb-src list failed:\n"
-                              f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            raise SourceError(
+                f"apt-get update of the private deb-src list failed:\n"
+                f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
 
     def source_uris(self, source: str, version: str) -> dict[str, str]:
         """File name -> URI for a source package version; {} when not listed."""
         self.update()
         proc = subprocess.run(
-            ["apt-get", *self._options(), "source", "--print-uris", "--download-only",
-             f"{source}={version}"],
-            capture_output=True, text=True, cwd=self.root,
+            [
+                "apt-get",
+                *self._options(),
+                "source",
+                "--print-uris",
+                "--download-only",
+                f"{source}={version}",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=self.root,
         )
         uris = {}
         for match in re.finditer(r"^'([^']+)'\s+(\S+)\s+\d+\s+\S+", proc.stdout, re.M):
@@ -282,7 +303,8 @@ def fetch(pin: config.SourcePin, apt: PrivateApt | None = None) -> dict[str, Pat
     for art in missing:
         path = downloads_dir() / art.name
         candidates = ([listed[art.name]] if art.name in listed else []) + apt.pool_uris(
-            pin.debian_source, art.name)
+            pin.debian_source, art.name
+        )
         errors = []
         for uri in candidates:
             try:
@@ -321,8 +343,9 @@ class Base:
 
 
 def _git(tree: Path, *args: str, **kw) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["git", "-C", str(tree), *args], check=True, text=True,
-                          capture_output=True, **kw)
+    return subprocess.run(
+        ["git", "-C", str(tree), *args], check=True, text=True, capture_output=True, **kw
+    )
 
 
 def git_identity() -> tuple[str, str]:
@@ -334,8 +357,9 @@ def git_identity() -> tuple[str, str]:
     root = str(config.repo_root())
 
     def ask(*cmd: str) -> str:
-        return subprocess.run(["git", "-C", root, *cmd], capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", root, *cmd], capture_output=True, text=True
+        ).stdout.strip()
 
     name, email = ask("config", "user.name"), ask("config", "user.email")
     if not (name and email):
@@ -356,14 +380,20 @@ def resolve_base(project: str, local: Path | None = None) -> Base:
         pinned = "".join(f"{a.name}:{a.sha256}\n" for a in pin.artifacts)
         shape = "\n".join(pin.fixups) + "\0" + "\n".join(pin.untracked)
         ident = hashlib.sha256((pinned + shape).encode()).hexdigest()
-        return Base(project, "debian", ident, files["orig"], files.get("debian"), pin.fixups,
-                    pin.untracked)
+        return Base(
+            project, "debian", ident, files["orig"], files.get("debian"), pin.fixups, pin.untracked
+        )
     local = local.expanduser().resolve()
     if (local / ".git").exists() or local.name.endswith(".git"):
-        head = subprocess.run(["git", "-C", str(local), "rev-parse", "HEAD"], check=True,
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(local), "status", "--porcelain"],
-                               capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(local), "rev-parse", "HEAD"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(local), "status", "--porcelain"], capture_output=True, text=True
+        ).stdout.strip()
         if dirty:
             say(f"warning: {local} has uncommitted changes; only commit {head[:12]} is used")
         return Base(project, "git", head, local)
@@ -377,8 +407,7 @@ def _extract(tarball: Path, dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         # --no-same-owner: files owned by the tarball's uid make git refuse
         # the tree as "dubious ownership" when running as root.
-        subprocess.run(["tar", "-xf", str(tarball), "-C", tmp, "--no-same-owner"],
-                       check=True)
+        subprocess.run(["tar", "-xf", str(tarball), "-C", tmp, "--no-same-owner"], check=True)
         tops = list(Path(tmp).iterdir())
         top = tops[0] if len(tops) == 1 and tops[0].is_dir() else Path(tmp)
         dest.mkdir(parents=True, exist_ok=True)
@@ -418,8 +447,9 @@ def make_tree(base: Base, tree: Path) -> None:
     tree.parent.mkdir(parents=True, exist_ok=True)
     say(f"unpacking {base.description} into {tree}")
     if base.kind == "git":
-        subprocess.run(["git", "clone", "--quiet", "--no-checkout", str(base.orig), str(tree)],
-                       check=True)
+        subprocess.run(
+            ["git", "clone", "--quiet", "--no-checkout", str(base.orig), str(tree)], check=True
+        )
         _git(tree, "checkout", "--quiet", "-B", "frozen", base.ident)
     else:
         _extract(base.orig, tree)
@@ -430,23 +460,45 @@ def make_tree(base: Base, tree: Path) -> None:
     write_excludes(tree, base)
     if base.kind != "git":
         # --force: the tarball may ship files its own .gitignore names.
-        _git(tree, "add", "--all", "--force", "--", ".",
-             *(f":!{p}" for p in base.untracked))
-        _git(tree, "commit", "--quiet", "--no-verify", "-m",
-             f"{base.project}: base {base.orig.name}\n\nsha256-ident: {base.ident}")
+        _git(tree, "add", "--all", "--force", "--", ".", *(f":!{p}" for p in base.untracked))
+        _git(
+            tree,
+            "commit",
+            "--quiet",
+            "--no-verify",
+            "-m",
+            f"{base.project}: base {base.orig.name}\n\nsha256-ident: {base.ident}",
+        )
     _git(tree, "tag", "-f", "base")
     if base.fixups:
         assert base.debian is not None
         for member in base.fixups:
             patch = _debian_file(base.debian, member)
-            proc = subprocess.run(["patch", "-p1", "--no-backup-if-mismatch", "--forward",
-                                   "--batch", "-d", str(tree)],
-                                  input=patch, capture_output=True)
+            proc = subprocess.run(
+                [
+                    "patch",
+                    "-p1",
+                    "--no-backup-if-mismatch",
+                    "--forward",
+                    "--batch",
+                    "-d",
+                    str(tree),
+                ],
+                input=patch,
+                capture_output=True,
+            )
             if proc.returncode != 0:
-                raise SourceError(f"build fix-up {member} does not apply:\n"
-                                  f"{proc.stdout.decode()[-2000:]}")
+                raise SourceError(
+                    f"build fix-up {member} does not apply:\n{proc.stdout.decode()[-2000:]}"
+                )
         _git(tree, "add", "--all", ".")
-        _git(tree, "commit", "--quiet", "--no-verify", "-m",
-             "build fix-ups for the Debian tarball\n\n" +
-             "\n".join(f"Applied: {m}" for m in base.fixups))
+        _git(
+            tree,
+            "commit",
+            "--quiet",
+            "--no-verify",
+            "-m",
+            "build fix-ups for the Debian tarball\n\n"
+            + "\n".join(f"Applied: {m}" for m in base.fixups),
+        )
     _git(tree, "tag", "-f", "fixups")

@@ -69,8 +69,9 @@ def junit_counts(path: Path) -> Counts:
 def write_junit(path: Path, suite: str, results: list[gates.GateResult]) -> None:
     root = ET.Element("testsuite", name=suite, tests=str(len(results)))
     for result in results:
-        case = ET.SubElement(root, "testcase", classname=f"{suite}.{result.gate}",
-                             name=result.patch)
+        case = ET.SubElement(
+            root, "testcase", classname=f"{suite}.{result.gate}", name=result.patch
+        )
         if result.skipped:
             ET.SubElement(case, "skipped", message=result.detail)
         elif not result.ok:
@@ -117,8 +118,9 @@ class Suite:
             lines.append("NOT PROVEN (partial run; a full run fails on these):")
             lines += [f"  {f}" for f in self.not_proven]
         lines.append(f"results: {self.dir}")
-        lines.append(f"{self.total.passed} passed, {self.total.failed} failed, "
-                     f"{self.total.skipped} skipped")
+        lines.append(
+            f"{self.total.passed} passed, {self.total.failed} failed, {self.total.skipped} skipped"
+        )
         return "\n".join(lines)
 
 
@@ -150,8 +152,19 @@ def stage_lint(suite: Suite) -> None:
 def stage_pytest(suite: Suite, name: str, path: Path, env: dict[str, str]) -> None:
     start = time.monotonic()
     junit = suite.junit(name)
-    rc = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={junit}", str(path)], env=env)
+    rc = _run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+            str(path),
+        ],
+        env=env,
+    )
     counts = junit_counts(junit)
     if rc not in (0, 1) and not counts.failed:  # usage error, collection crash ...
         counts.failed += 1
@@ -168,8 +181,9 @@ def stage_builds(suite: Suite, args: argparse.Namespace) -> dict[tuple[str, str]
     try:
         installs = build_all(args)
         for (project, variant), install in installs.items():
-            results.append(gates.GateResult("build", f"{project}-{variant}", True,
-                                            str(install.prefix)))
+            results.append(
+                gates.GateResult("build", f"{project}-{variant}", True, str(install.prefix))
+            )
     except (build.BuildError, patches.PatchError, patches.SeriesError) as exc:
         results.append(gates.GateResult("build", "builds", False, str(exc)))
         print(f"frozen: error: {exc}", file=sys.stderr)
@@ -196,9 +210,13 @@ def stage_gates(suite: Suite, args: argparse.Namespace) -> None:
             if gate == "qemu-suites":
                 continue  # a stage of its own, with its own budget
             try:
-                results += gates.run_gate(project, gate,
-                                          local=getattr(args, f"{project}_src", None),
-                                          jobs=args.jobs, deadline=time.monotonic() + budget)
+                results += gates.run_gate(
+                    project,
+                    gate,
+                    local=getattr(args, f"{project}_src", None),
+                    jobs=args.jobs,
+                    deadline=time.monotonic() + budget,
+                )
             except (build.BuildError, patches.PatchError, patches.SeriesError) as exc:
                 results.append(gates.GateResult(gate, project, False, str(exc)))
     for r in results:
@@ -219,14 +237,21 @@ def stage_qemu_suites(suite: Suite, args: argparse.Namespace) -> None:
     start = time.monotonic()
     budget = qemu_suites.env_budget(SUITES_BUDGET_S)
     try:
-        results = gates.run_gate("qemu", "qemu-suites", local=args.qemu_src, jobs=args.jobs,
-                                 deadline=time.monotonic() + budget)
+        results = gates.run_gate(
+            "qemu",
+            "qemu-suites",
+            local=args.qemu_src,
+            jobs=args.jobs,
+            deadline=time.monotonic() + budget,
+        )
     except (build.BuildError, patches.PatchError, patches.SeriesError) as exc:
         results = [gates.GateResult("qemu-suites", "qemu", False, str(exc))]
     not_run = [r for r in results if r.skipped and r.detail.startswith("not run")]
     if not_run:
-        say(f"qemu-suites: {len(not_run)} tests not run within the {budget:.0f} s budget "
-            "(reported as skipped, not passed)")
+        say(
+            f"qemu-suites: {len(not_run)} tests not run within the {budget:.0f} s budget "
+            "(reported as skipped, not passed)"
+        )
     for r in results:
         if not r.ok:
             print(f"frozen: qemu-suites failed for {r.patch}: {r.detail}", file=sys.stderr)
@@ -235,8 +260,14 @@ def stage_qemu_suites(suite: Suite, args: argparse.Namespace) -> None:
     suite.record("qemu-suites", junit_counts(junit), start)
 
 
-def _meson_test(suite: Suite, stage: str, install: build.Install | None,
-                args: list[str], started: float, extra: Counts | None = None) -> None:
+def _meson_test(
+    suite: Suite,
+    stage: str,
+    install: build.Install | None,
+    args: list[str],
+    started: float,
+    extra: Counts | None = None,
+) -> None:
     """`meson test` in an install's build dir; its JUnit log is the result.
 
     ``extra`` is added to the stage's counts (e.g. expected tests not found).
@@ -247,8 +278,18 @@ def _meson_test(suite: Suite, stage: str, install: build.Install | None,
     env = build.build_env(install.tree)
     log = install.build_dir / "meson-logs" / "testlog.junit.xml"
     log.unlink(missing_ok=True)
-    rc = _run(["meson", "test", "-C", str(install.build_dir), "--print-errorlogs",
-               f"--num-processes={os.cpu_count() or 2}", *args], env=env)
+    rc = _run(
+        [
+            "meson",
+            "test",
+            "-C",
+            str(install.build_dir),
+            "--print-errorlogs",
+            f"--num-processes={os.cpu_count() or 2}",
+            *args,
+        ],
+        env=env,
+    )
     junit = suite.junit(stage)
     if log.exists():
         shutil.copy(log, junit)
@@ -266,8 +307,9 @@ def stage_qemu_in_tree(suite: Suite, install: build.Install | None) -> None:
     start = time.monotonic()
     if install:
         # Tests run QEMU from the build dir, which loads blobs from its bundle.
-        build.layout_firmware(install.build_dir,
-                              build.bundle_datadir(install.build_dir, install.prefix))
+        build.layout_firmware(
+            install.build_dir, build.bundle_datadir(install.build_dir, install.prefix)
+        )
     if install is None:
         _meson_test(suite, "qemu-in-tree", None, [], start)
         return
@@ -279,8 +321,10 @@ def stage_qemu_in_tree(suite: Suite, install: build.Install | None) -> None:
     tests, missing = split_expected(QEMU_IN_TREE_TESTS, names)
     # A test the series adds that meson no longer lists (renamed, dropped from
     # meson.build) is a failure, never a 0/0/0 stage.
-    lost = Counts(failed=len(missing),
-                  failures=[f"qemu-in-tree: {t}: not in `meson test --list`" for t in missing])
+    lost = Counts(
+        failed=len(missing),
+        failures=[f"qemu-in-tree: {t}: not in `meson test --list`" for t in missing],
+    )
     if not tests:
         suite.record("qemu-in-tree", lost, start)
         return
@@ -298,11 +342,17 @@ class MesonListError(Exception):
 
 def meson_test_names(install: build.Install) -> list[str]:
     """Every test `meson test --list` names in an install's build dir."""
-    proc = subprocess.run(["meson", "test", "-C", str(install.build_dir), "--list"],
-                          capture_output=True, text=True, env=build.build_env(install.tree))
+    proc = subprocess.run(
+        ["meson", "test", "-C", str(install.build_dir), "--list"],
+        capture_output=True,
+        text=True,
+        env=build.build_env(install.tree),
+    )
     if proc.returncode != 0:
-        raise MesonListError(f"qemu-in-tree: meson test --list exited {proc.returncode}: "
-                             f"{proc.stderr.strip()[-300:]}")
+        raise MesonListError(
+            f"qemu-in-tree: meson test --list exited {proc.returncode}: "
+            f"{proc.stderr.strip()[-300:]}"
+        )
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
 
 
@@ -318,8 +368,11 @@ def not_run_tests(results_json: Path) -> list[tuple[str, str]]:
         tests = json.loads(results_json.read_text())["tests"]
     except (OSError, ValueError, KeyError):
         return []
-    return [(t.get("name", "?"), t.get("fail_reason") or "") for t in tests
-            if t.get("status") in ("CANCEL", "SKIP")]
+    return [
+        (t.get("name", "?"), t.get("fail_reason") or "")
+        for t in tests
+        if t.get("status") in ("CANCEL", "SKIP")
+    ]
 
 
 def stage_functional(suite: Suite, env: dict[str, str]) -> None:
@@ -332,9 +385,19 @@ def stage_functional(suite: Suite, env: dict[str, str]) -> None:
     job_dir = suite.dir / "avocado"
     # One test at a time: the libvirt tests each run a virtqemud on the
     # prefix's socket, and soak figures should not compete for 2 cores.
-    rc = _run([_venv_tool("avocado"), "run", "--max-parallel-tasks=1",
-               "--job-results-dir", str(job_dir),
-               "--xunit", str(junit), str(config.repo_root() / "tests" / "functional")], env=env)
+    rc = _run(
+        [
+            _venv_tool("avocado"),
+            "run",
+            "--max-parallel-tasks=1",
+            "--job-results-dir",
+            str(job_dir),
+            "--xunit",
+            str(junit),
+            str(config.repo_root() / "tests" / "functional"),
+        ],
+        env=env,
+    )
     counts = junit_counts(junit)
     if rc != 0 and not counts.failed:
         counts.failed += 1

@@ -42,8 +42,10 @@ def require_prefix(test: Test, variable: str, what: str) -> Path:
     """The install prefix in $variable; a missing one is an ERROR, never a skip."""
     value = os.environ.get(variable)
     if not value:
-        test.error(f"{variable} is not set: it must name the install prefix of the {what}; "
-                   "run the suite through the project's test command")
+        test.error(
+            f"{variable} is not set: it must name the install prefix of the {what}; "
+            "run the suite through the project's test command"
+        )
     return Path(value)
 
 
@@ -51,8 +53,10 @@ def not_proven(test: Test, why: str) -> None:
     """What this host cannot prove: FAIL, or CANCEL in an explicit partial run."""
     if checks.partial_run():
         test.cancel(f"not proven (partial run): {why}")
-    test.fail(f"{why}; for a partial run that reports this as not proven, "
-              f"set {checks.PARTIAL_ENV}=1 (frozen test --partial)")
+    test.fail(
+        f"{why}; for a partial run that reports this as not proven, "
+        f"set {checks.PARTIAL_ENV}=1 (frozen test --partial)"
+    )
 
 
 def need_kvm(test: Test) -> None:
@@ -66,8 +70,7 @@ def need_network(test: Test, network: str) -> None:
         not_proven(test, f"tap networking needs a network namespace: {why}")
 
 
-def assert_frozen(test: Test, r: checks.FreezeResult, what: str, accel: str,
-                  soak_s: float) -> None:
+def assert_frozen(test: Test, r: checks.FreezeResult, what: str, accel: str, soak_s: float) -> None:
     """Every promise of the frozen state, for the result of one trigger."""
     why = "; ".join(r.details)
     test.assertEqual(r.accelerator, accel)

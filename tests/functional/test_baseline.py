@@ -63,9 +63,12 @@ class StockBaseline(FrozenTest):
             checks.create_image(self.prefix, target, "raw")
             vm.cmd(
                 "blockdev-add",
-                {"driver": "raw", "node-name": "tgt0",
-                 "file": {"driver": "file", "filename": str(target)}},
-            )  # fmt: skip
+                {
+                    "driver": "raw",
+                    "node-name": "tgt0",
+                    "file": {"driver": "file", "filename": str(target)},
+                },
+            )
             vm.cmd(
                 "blockdev-backup",
                 {"job-id": "b0", "device": checks.DISK_NODE, "target": "tgt0", "sync": "full"},
@@ -88,9 +91,14 @@ class StockBaseline(FrozenTest):
             vm.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
             vm.cmd(
                 "block-export-add",
-                {"type": "nbd", "id": "e0", "node-name": checks.DISK_NODE, "name": "e0",
-                 "writable": True},
-            )  # fmt: skip
+                {
+                    "type": "nbd",
+                    "id": "e0",
+                    "node-name": checks.DISK_NODE,
+                    "name": "e0",
+                    "writable": True,
+                },
+            )
             ok, text = checks.nbd_client_write(self.prefix, sock, "e0")
             self.assertTrue(ok, f"NBD write was not accepted: {text}")
             self.assertEqual(vm.status(), "paused")

@@ -156,9 +156,11 @@ class ClusterFailover(ClusterTest):
                 cl.configure_defaults()
                 for i, (provider, dump_dir) in enumerate(rows):
                     svc = failover.make_service(
-                        self.shared, self.qemu["FROZEN_QEMU"], f"s{i}{provider[:2]}",
+                        self.shared,
+                        self.qemu["FROZEN_QEMU"],
+                        f"s{i}{provider[:2]}",
                         on_crash="freeze",
-                    )  # fmt: skip
+                    )
                     r = failover.run_same_node(
                         cl, svc, provider, workdir=self.work, dump_dir=dump_dir
                     )

@@ -58,8 +58,14 @@ class Freeze(FrozenTest):
         for line in r.details:
             self.log.info("%s", line)
         for a in r.attempts:
-            self.log.info("attempt %-30s refused=%s alive=%s frozen=%s: %s",
-                          a.name, a.refused, a.alive, a.still_frozen, a.message)  # fmt: skip
+            self.log.info(
+                "attempt %-30s refused=%s alive=%s frozen=%s: %s",
+                a.name,
+                a.refused,
+                a.alive,
+                a.still_frozen,
+                a.message,
+            )
         assert_frozen(self, r, what, "kvm", soak_s)
 
     def test_qmp_freeze_raw_user(self) -> None:

@@ -56,17 +56,23 @@ class FreezeRefused(FrozenTest):
         return VM(
             system_binary(self.prefix),
             [
-                "-machine", "pc", "-m", "32",
-                "-boot", "menu=on,splash-time=3000",
-                "-icount", f"shift=auto,rr={mode},rrfile={rr},rrsnapshot=init",
-                "-drive", f"file={image},if=none,id=rr0,snapshot=off",
+                "-machine",
+                "pc",
+                "-m",
+                "32",
+                "-boot",
+                "menu=on,splash-time=3000",
+                "-icount",
+                f"shift=auto,rr={mode},rrfile={rr},rrsnapshot=init",
+                "-drive",
+                f"file={image},if=none,id=rr0,snapshot=off",
             ],
             name=f"replay-{mode}",
             log_dir=log,
             accel="tcg",
             firmware_dirs=self.fw,
             console="debugcon",
-        )  # fmt: skip
+        )
 
     def test_record_replay(self) -> None:
         """``freeze`` of a replayed VM fails, names why, and aborts nothing."""
@@ -107,12 +113,15 @@ class FreezeRefused(FrozenTest):
         with path.open("wb") as f:
             for _ in range(MIGRATION_RAM_MB):
                 f.write(os.urandom(1 << 20))
-        return ["-object", f"memory-backend-file,id=mem,size={MIGRATION_RAM_MB}M,"
-                           f"mem-path={path},share=off"]  # fmt: skip
+        return [
+            "-object",
+            f"memory-backend-file,id=mem,size={MIGRATION_RAM_MB}M,mem-path={path},share=off",
+        ]
 
     @contextlib.contextmanager
-    def _migrating(self, names: tuple[str, str], caps: list[str],
-                   params: dict[str, int]) -> Iterator[tuple[VM, VM]]:  # fmt: skip
+    def _migrating(
+        self, names: tuple[str, str], caps: list[str], params: dict[str, int]
+    ) -> Iterator[tuple[VM, VM]]:
         """A source on KVM migrating to a destination, both with `caps`."""
         with (
             self._migration_vm(names[0], self._random_ram()) as src,
@@ -138,8 +147,7 @@ class FreezeRefused(FrozenTest):
 
     def test_postcopy_destination(self) -> None:
         """``freeze`` of a postcopy destination fails and the migration goes on."""
-        limit = {"max-bandwidth": POSTCOPY_BANDWIDTH,
-                 "max-postcopy-bandwidth": POSTCOPY_BANDWIDTH}  # fmt: skip
+        limit = {"max-bandwidth": POSTCOPY_BANDWIDTH, "max-postcopy-bandwidth": POSTCOPY_BANDWIDTH}
         with self._migrating(("source", "destination"), ["postcopy-ram"], limit) as (src, dst):
             src.event_wait("MIGRATION", 30, match={"data": {"status": "active"}})
             src.cmd("migrate-start-postcopy")

@@ -30,9 +30,13 @@ SEABIOS_BANNER = r"SeaBIOS \(version"
 MEMORY = "64"
 #: vhost-user needs guest RAM the backend can map
 SHARED_MEMORY = [
-    "-object", f"memory-backend-memfd,id=mem,size={MEMORY}M,share=on",
-    "-machine", "pc,memory-backend=mem", "-m", MEMORY,
-]  # fmt: skip
+    "-object",
+    f"memory-backend-memfd,id=mem,size={MEMORY}M,share=on",
+    "-machine",
+    "pc,memory-backend=mem",
+    "-m",
+    MEMORY,
+]
 DEVICE_REFUSED = "The VM cannot be frozen: device '{id}' ({type}) does I/O that QEMU cannot sever"
 NETDEV_REFUSED = "The VM cannot be frozen: netdev '{id}' ({type}) does I/O that QEMU cannot sever"
 ACTION_REFUSED = "The {action} action is freeze, but: "
@@ -105,8 +109,12 @@ class Unseverable(FrozenTest):
     def test_vhost_user_blk(self) -> None:
         """A vhost-user-blk disk (qemu-storage-daemon): every freeze refused."""
         with self._blk_backend("vub0") as backend:
-            extra = ["-chardev", f"socket,id=vub0c,path={backend.socket}",
-                     "-device", "vhost-user-blk-pci,id=vub0,chardev=vub0c"]  # fmt: skip
+            extra = [
+                "-chardev",
+                f"socket,id=vub0c,path={backend.socket}",
+                "-device",
+                "vhost-user-blk-pci,id=vub0,chardev=vub0c",
+            ]
             refusal = DEVICE_REFUSED.format(id="vub0", type="vhost-user-blk-pci")
             self._assert_vm_refuses("vub", extra, refusal)
 
@@ -115,9 +123,14 @@ class Unseverable(FrozenTest):
         sock = self.sock_dir / "vubr.sock"
         log = Path(self.logdir) / "vubr.log"
         with vhost.vhost_user_bridge(self.prefix, sock, log, *UDP_PORTS):
-            extra = ["-chardev", f"socket,id=vun0c,path={sock}",
-                     "-netdev", "vhost-user,id=vun0,chardev=vun0c",
-                     "-device", "virtio-net-pci,netdev=vun0,id=nic0"]  # fmt: skip
+            extra = [
+                "-chardev",
+                f"socket,id=vun0c,path={sock}",
+                "-netdev",
+                "vhost-user,id=vun0,chardev=vun0c",
+                "-device",
+                "virtio-net-pci,netdev=vun0,id=nic0",
+            ]
             refusal = NETDEV_REFUSED.format(id="vun0", type="vhost-user")
             self._assert_vm_refuses("vun", extra, refusal)
 
@@ -126,19 +139,30 @@ class Unseverable(FrozenTest):
         with self._blk_backend("vub1") as backend, self._vm("hotplug", []) as vm:
             vm.wait_for_console(SEABIOS_BANNER, 60)
             vm.cmd("set-action", panic="freeze")
-            vm.cmd("chardev-add", id="vub1c",
-                   backend={"type": "socket", "data": {"addr": {
-                       "type": "unix", "data": {"path": str(backend.socket)}}}})  # fmt: skip
+            vm.cmd(
+                "chardev-add",
+                id="vub1c",
+                backend={
+                    "type": "socket",
+                    "data": {"addr": {"type": "unix", "data": {"path": str(backend.socket)}}},
+                },
+            )
             self._assert_refused(
-                vm, "device_add",
+                vm,
+                "device_add",
                 HOTPLUG_REFUSED.format(id="vub1", type="vhost-user-blk-pci", action="panic"),
-                driver="vhost-user-blk-pci", id="vub1", chardev="vub1c",
-            )  # fmt: skip
+                driver="vhost-user-blk-pci",
+                id="vub1",
+                chardev="vub1c",
+            )
             self._assert_refused(
-                vm, "netdev_add",
+                vm,
+                "netdev_add",
                 NETDEV_ADD_REFUSED.format(id="vun1", type="vhost-user", action="panic"),
-                type="vhost-user", id="vun1", chardev="vub1c",
-            )  # fmt: skip
+                type="vhost-user",
+                id="vun1",
+                chardev="vub1c",
+            )
             peripherals = [p["name"] for p in vm.cmd("qom-list", path="/machine/peripheral")]
             self.assertNotIn("vub1", peripherals)
             self._assert_not_frozen(vm)
@@ -159,14 +183,24 @@ class Unseverable(FrozenTest):
     def _startup(self, backend: vhost.Backend, extra: list[str]) -> subprocess.CompletedProcess:
         """QEMU started with a freeze action and a vhost-user-blk device."""
         argv = [
-            str(system_binary(self.prefix)), "-nodefaults", "-display", "none", "-S",
-            "-accel", "kvm", *SHARED_MEMORY,
-            "-chardev", f"socket,id=vub0c,path={backend.socket}",
-            "-device", "vhost-user-blk-pci,id=vub0,chardev=vub0c", *extra,
-        ]  # fmt: skip
+            str(system_binary(self.prefix)),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-accel",
+            "kvm",
+            *SHARED_MEMORY,
+            "-chardev",
+            f"socket,id=vub0c,path={backend.socket}",
+            "-device",
+            "vhost-user-blk-pci,id=vub0,chardev=vub0c",
+            *extra,
+        ]
         # A QEMU that is not refused keeps running: the timeout ends it by PID.
-        return subprocess.run(argv, capture_output=True, text=True, timeout=STARTUP_TIMEOUT,
-                              stdin=subprocess.DEVNULL)  # fmt: skip
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=STARTUP_TIMEOUT, stdin=subprocess.DEVNULL
+        )
 
     def test_startup_with_a_freeze_action(self) -> None:
         """-action watchdog=freeze or werror=freeze with a vhost-user disk: QEMU exits."""

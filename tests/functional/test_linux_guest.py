@@ -42,19 +42,33 @@ def linux_args(
     netdev: str,
 ) -> list[str]:
     """Modern virtio-blk/net (Linux drivers), ISA pvpanic (ACPI QEMU0001), i6300esb."""
-    blockdev = {"driver": disk_format, "node-name": checks.DISK_NODE,
-                "file": {"driver": "file", "filename": str(image)}}  # fmt: skip
+    blockdev = {
+        "driver": disk_format,
+        "node-name": checks.DISK_NODE,
+        "file": {"driver": "file", "filename": str(image)},
+    }
     args = [
-        "-machine", "pc", "-m", str(RAM_MB), "-smp", "1",
+        "-machine",
+        "pc",
+        "-m",
+        str(RAM_MB),
+        "-smp",
+        "1",
         *images.boot_args(cfg),
-        "-blockdev", json.dumps(blockdev),
+        "-blockdev",
+        json.dumps(blockdev),
         # share-rw: the writable NBD export of checks.prepare_write_paths.
-        "-device", f"virtio-blk-pci,drive={checks.DISK_NODE},id={checks.DEVICE_ID},share-rw=on",
-        "-netdev", netdev,
-        "-device", f"virtio-net-pci,netdev={checks.NETDEV_ID},id={checks.NIC_ID},romfile=",
-        "-device", "pvpanic",
-        "-device", "i6300esb",
-    ]  # fmt: skip
+        "-device",
+        f"virtio-blk-pci,drive={checks.DISK_NODE},id={checks.DEVICE_ID},share-rw=on",
+        "-netdev",
+        netdev,
+        "-device",
+        f"virtio-net-pci,netdev={checks.NETDEV_ID},id={checks.NIC_ID},romfile=",
+        "-device",
+        "pvpanic",
+        "-device",
+        "i6300esb",
+    ]
     for k, v in actions.items():
         args += ["-action", f"{k}={v}"]
     return args
@@ -96,10 +110,23 @@ def linux_rig(
         )
         with vm:
             net.close_fds()  # QEMU holds its own copy of the tap fd now
-            rig = checks.Rig(vm, prefix, workdir, image, disk_format, network, marker,
-                             net.listener, net.capture, net.tap, accel=accel,
-                             bios=standby_bios, ram_mb=RAM_MB, paged=True,
-                             record_timeout=10.0)  # fmt: skip
+            rig = checks.Rig(
+                vm,
+                prefix,
+                workdir,
+                image,
+                disk_format,
+                network,
+                marker,
+                net.listener,
+                net.capture,
+                net.tap,
+                accel=accel,
+                bios=standby_bios,
+                ram_mb=RAM_MB,
+                paged=True,
+                record_timeout=10.0,
+            )
             try:
                 rig.wait_record(1, FIRST_RECORD_TIMEOUT)
             except BaseException:
@@ -129,10 +156,16 @@ class LinuxGuestFreeze(Test):
     def _scenario(self, what: str, disk_format: str, network: str = "user") -> None:
         need_network(self, network)
         t0 = time.monotonic()
-        with linux_rig(self.prefix, self.work / "rig", disk_format=disk_format, network=network,
-                       actions=checks.trigger_actions(what), accel=self.accel,
-                       fw_dirs=firmware_dirs(self.prefix),
-                       log_dir=Path(self.logdir) / "vm") as rig:  # fmt: skip
+        with linux_rig(
+            self.prefix,
+            self.work / "rig",
+            disk_format=disk_format,
+            network=network,
+            actions=checks.trigger_actions(what),
+            accel=self.accel,
+            fw_dirs=firmware_dirs(self.prefix),
+            log_dir=Path(self.logdir) / "vm",
+        ) as rig:
             first = time.monotonic() - t0
             try:
                 r = checks.verify_frozen(rig, what, SOAK_S)

@@ -42,8 +42,12 @@ class _FuzzTest(FrozenTest):
         def boot() -> AbstractContextManager[fuzz.FuzzRig]:
             # A fresh rig (own images) per segment: a crash leaves its files.
             i = next(n)
-            return fuzz.fuzz_rig(self.prefix, self.work / f"fuzz{i}", firmware_dirs=self.fw,
-                                 log_dir=Path(self.logdir) / f"vm{i}")  # fmt: skip
+            return fuzz.fuzz_rig(
+                self.prefix,
+                self.work / f"fuzz{i}",
+                firmware_dirs=self.fw,
+                log_dir=Path(self.logdir) / f"vm{i}",
+            )
 
         def prepare(frig: fuzz.FuzzRig) -> Callable[[checks.Rig], None] | None:
             frig.rig.wait_record(3, 10)
@@ -54,8 +58,9 @@ class _FuzzTest(FrozenTest):
             fuzz.stock_imitation(frig.rig)
             return fuzz.stock_restore
 
-        report = fuzz.fuzz_with_restarts(boot, prepare, expect=expect, budget_s=BUDGET_S,
-                                         log=self.log.info)  # fmt: skip
+        report = fuzz.fuzz_with_restarts(
+            boot, prepare, expect=expect, budget_s=BUDGET_S, log=self.log.info
+        )
         for line in report.table(max_failures=200).splitlines():
             self.log.info("%s", line)
         (Path(self.logdir) / "fuzz-calls.txt").write_text(

@@ -100,8 +100,10 @@ class Release(FrozenTest):
                 detached = release.loop_detach(mnt.device)
             gone = detached is not None and detached.returncode == 0 and wait_detached(mnt.device)
             kept, found = marker_kept(rig, self.work / "mem")  # outside the mount
-            why = (f"{out.describe()}; after: {after.describe()}; tap carrier={carrier}; "
-                   f"umount rc={umounted.returncode} {umounted.stderr.strip()!r}")  # fmt: skip
+            why = (
+                f"{out.describe()}; after: {after.describe()}; tap carrier={carrier}; "
+                f"umount rc={umounted.returncode} {umounted.stderr.strip()!r}"
+            )
             self.log.info("%s; losetup -d: %s; memory: %s", why, detached, found)
 
             self.assertIsNone(out.error, why)
@@ -128,8 +130,10 @@ class Release(FrozenTest):
             try:
                 rig.wait_record(3, 10)
                 release.arm_flush_error(vm)
-                images = {"disk0": release.file_id(rig.image),
-                          release.FAILING_NODE: release.file_id(failing)}  # fmt: skip
+                images = {
+                    "disk0": release.file_id(rig.image),
+                    release.FAILING_NODE: release.file_id(failing),
+                }
                 before = release.holdings(vm, images)
                 self.log.info("before freeze: %s", before.describe())
                 self.assertTrue(all(before.image_fds.values()), before.describe())
@@ -155,8 +159,11 @@ class Release(FrozenTest):
                 self.assertEqual(out.data.get("reason"), QMP_REASON, why)
                 self.assertIs(out.data.get("released"), False, why)
                 self._assert_names_failing(out.data.get("unreleased-nodes"), why)
-                self.assertEqual(sorted(out.data["unreleased-nodes"]),
-                                 sorted(out.status["unreleased-nodes"]), why)  # fmt: skip
+                self.assertEqual(
+                    sorted(out.data["unreleased-nodes"]),
+                    sorted(out.status["unreleased-nodes"]),
+                    why,
+                )
                 # The healthy disk is released: closed, no node, no medium.
                 self.assertEqual(after.image_fds["disk0"], [], why)
                 self.assertNotIn(checks.DISK_NODE, after.nodes, why)
@@ -230,8 +237,9 @@ class Release(FrozenTest):
                 rig.listener.wait_for(lambda d: True, timeout=10)  # slirp's UDP socket
                 connect_before = release.tcp_connect("127.0.0.1", port)
                 before = release.inet_sockets(vm.pid)
-                self.log.info("before: connect %s; sockets %s", connect_before,
-                              [str(s) for s in before])  # fmt: skip
+                self.log.info(
+                    "before: connect %s; sockets %s", connect_before, [str(s) for s in before]
+                )
                 here = f"127.0.0.1:{port}"
                 listening = [s for s in before if s.local == here and s.state == release.TCP_LISTEN]
                 self.assertTrue(listening, f"no hostfwd listener seen: {before}")
@@ -243,10 +251,12 @@ class Release(FrozenTest):
                 port2 = release.free_tcp_port()
                 refused = vm.hmp(f"hostfwd_add {checks.NETDEV_ID} tcp:127.0.0.1:{port2}-:22")
                 connect_new = release.tcp_connect("127.0.0.1", port2)
-                why = (f"{out.describe()}; connect after: {connect_after}; "
-                       f"sockets after: {[str(s) for s in after]}; "
-                       f"hostfwd_add after: {refused.strip()!r}, "
-                       f"connect to it: {connect_new}")  # fmt: skip
+                why = (
+                    f"{out.describe()}; connect after: {connect_after}; "
+                    f"sockets after: {[str(s) for s in after]}; "
+                    f"hostfwd_add after: {refused.strip()!r}, "
+                    f"connect to it: {connect_new}"
+                )
                 self.log.info("%s", why)
 
                 self.assertIsNone(out.error, why)
@@ -284,8 +294,10 @@ class StockRelease(FrozenTest):
             image = {"disk0": release.file_id(rig.image)}
             after = release.holdings(vm, image)
             umounted = release.umount(mnt.mountpoint)
-            why = (f"after: {after.describe()}; umount rc={umounted.returncode} "
-                   f"{umounted.stderr.strip()!r}")  # fmt: skip
+            why = (
+                f"after: {after.describe()}; umount rc={umounted.returncode} "
+                f"{umounted.stderr.strip()!r}"
+            )
             self.log.info("%s", why)
             self.assertFalse(release.named_nodes(vm)[checks.DISK_NODE]["active"], why)
             self.assertTrue(after.image_fds["disk0"], why)

@@ -59,12 +59,24 @@ STOP_TIMEOUT_MS = 10000
 
 #: ocf-*.in placeholders -> values for a private OCF root (no install)
 SUBSTITUTIONS = {
-    "@AWK@": "awk", "@EGREP@": "grep -E", "@IFCONFIG_A_OPT@": "", "@MAILCMD@": "mail",
-    "@PING@": "ping", "@SHELL@": "/bin/sh", "@TEST@": "test", "@SSH@": "ssh",
-    "@prefix@": "/usr", "@exec_prefix@": "/usr", "@INITDIR@": "/etc/init.d",
-    "@sysconfdir@": "/etc", "@localstatedir@": "/var", "@HA_VARRUNDIR@": "/run",
-    "@libexecdir@": "/usr/libexec", "@datadir@": "/usr/share", "@sbindir@": "/usr/sbin",
-}  # fmt: skip
+    "@AWK@": "awk",
+    "@EGREP@": "grep -E",
+    "@IFCONFIG_A_OPT@": "",
+    "@MAILCMD@": "mail",
+    "@PING@": "ping",
+    "@SHELL@": "/bin/sh",
+    "@TEST@": "test",
+    "@SSH@": "ssh",
+    "@prefix@": "/usr",
+    "@exec_prefix@": "/usr",
+    "@INITDIR@": "/etc/init.d",
+    "@sysconfdir@": "/etc",
+    "@localstatedir@": "/var",
+    "@HA_VARRUNDIR@": "/run",
+    "@libexecdir@": "/usr/libexec",
+    "@datadir@": "/usr/share",
+    "@sbindir@": "/usr/sbin",
+}
 GENERATED = ("ocf-shellfuncs", "ocf-binaries", "ocf-directories")
 COPIED = ("ocf-returncodes", "ocf-rarun", "ocf-distro", "ra-api-1.dtd")
 
@@ -232,13 +244,19 @@ class ResourceAgentFrozen(AgentTest):
             dumps = self.work / "dumps"
             dumps.mkdir()
             checks = [
-                ("validate ok", {"frozen_dump_dir": str(dumps),
-                                 "stop_failure_action": "freeze"}, OCF_SUCCESS),
+                (
+                    "validate ok",
+                    {"frozen_dump_dir": str(dumps), "stop_failure_action": "freeze"},
+                    OCF_SUCCESS,
+                ),
                 ("validate bad action", {"stop_failure_action": "pause"}, OCF_ERR_CONFIGURED),
                 ("validate relative dir", {"frozen_dump_dir": "dumps"}, OCF_ERR_CONFIGURED),
-                ("validate missing dir", {"frozen_dump_dir": str(self.work / "nope")},
-                 OCF_ERR_INSTALLED),
-            ]  # fmt: skip
+                (
+                    "validate missing dir",
+                    {"frozen_dump_dir": str(self.work / "nope")},
+                    OCF_ERR_INSTALLED,
+                ),
+            ]
             for step, params, want in checks:
                 self.assertEqual(self.ocf("validate-all", cfg, step, **params).rc, want, step)
             # start refuses a bad configuration before touching anything
@@ -731,11 +749,13 @@ class ResourceAgentOcfTester(AgentTest):
             self.daemon, self.qemu_prefix, self.work / "g", start=False, on_crash="freeze"
         ) as probe:
             env = self.daemon.install.env()
-            env.update({
-                "OCF_ROOT": str(root),
-                "HA_RSCTMP": str(self.rsctmp),
-                "PATH": f"{self.libvirt_prefix / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
-            })  # fmt: skip
+            env.update(
+                {
+                    "OCF_ROOT": str(root),
+                    "HA_RSCTMP": str(self.rsctmp),
+                    "PATH": f"{self.libvirt_prefix / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
+                }
+            )
             params = {
                 "config": str(probe.xml_path),
                 "hypervisor": self.daemon.uri,
@@ -747,8 +767,13 @@ class ResourceAgentOcfTester(AgentTest):
             argv = [tester, "-v", "-n", "vm-probe"]
             for k, v in params.items():
                 argv += ["-o", f"{k}={v}"]
-            proc = subprocess.run([*argv, str(wrapper)], env=env, capture_output=True,
-                                  text=True, timeout=AGENT_TIMEOUT * 3)  # fmt: skip
+            proc = subprocess.run(
+                [*argv, str(wrapper)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=AGENT_TIMEOUT * 3,
+            )
             out = proc.stdout + proc.stderr
             (Path(self.logdir) / "ocf-tester.txt").write_text(out)
             self.assertEqual(proc.returncode, 0, out[-3000:])

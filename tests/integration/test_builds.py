@@ -39,11 +39,14 @@ def test_pinned_sources_verify(project: str) -> None:
         assert sources.sha256_file(files[art.role]) == art.sha256
 
 
-@pytest.mark.parametrize(("project", "variant", "var"), [
-    ("qemu", "stock", "FROZEN_QEMU_STOCK"),
-    ("qemu", "frozen", "FROZEN_QEMU"),
-    ("libvirt", "frozen", "FROZEN_LIBVIRT"),
-])
+@pytest.mark.parametrize(
+    ("project", "variant", "var"),
+    [
+        ("qemu", "stock", "FROZEN_QEMU_STOCK"),
+        ("qemu", "frozen", "FROZEN_QEMU"),
+        ("libvirt", "frozen", "FROZEN_LIBVIRT"),
+    ],
+)
 def test_second_run_is_a_cache_hit(project: str, variant: str, var: str) -> None:
     start = time.monotonic()
     tree = patches.prepare(project, variant)
@@ -58,8 +61,9 @@ def test_second_run_is_a_cache_hit(project: str, variant: str, var: str) -> None
 def test_qemu_runs_with_its_tools() -> None:
     for var in ("FROZEN_QEMU", "FROZEN_QEMU_STOCK"):
         prefix = _prefix(var)
-        assert "QEMU emulator version 10.2.2" in _version(prefix / "bin" / "qemu-system-x86_64",
-                                                           "--version")
+        assert "QEMU emulator version 10.2.2" in _version(
+            prefix / "bin" / "qemu-system-x86_64", "--version"
+        )
         for tool in ("qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon"):
             assert "10.2.2" in _version(prefix / "bin" / tool, "--version")
         datadir = prefix / "share" / "qemu"

@@ -37,8 +37,15 @@ def _version_in(tree: Path, project: str) -> bool:
 
 
 def _clean(tree: Path) -> bool:
-    return subprocess.run(["git", "-C", str(tree), "status", "--porcelain"], capture_output=True,
-                          text=True, check=True).stdout == ""
+    return (
+        subprocess.run(
+            ["git", "-C", str(tree), "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        == ""
+    )
 
 
 @pytest.mark.parametrize("project", PROJECTS)
@@ -48,8 +55,10 @@ def test_debian_tree_has_debians_series_applied(project: str) -> None:
     assert [o.patch for o in tree.debian_patches] == expected
     distro.reset(tree)
     assert distro.quilt_applied(tree.path) == expected
-    print(f"{project}: Debian's {len(expected)} patches pushed with fuzz 0 "
-          f"({sum(bool(o.offsets) for o in tree.debian_patches)} with offset)")
+    print(
+        f"{project}: Debian's {len(expected)} patches pushed with fuzz 0 "
+        f"({sum(bool(o.offsets) for o in tree.debian_patches)} with offset)"
+    )
 
 
 @pytest.mark.parametrize("project", PROJECTS)
@@ -76,7 +85,7 @@ def test_debian_export_pushes_with_quilt(project: str, tmp_path: Path) -> None:
     assert check.debian_patches == len(_debian_series(project))
     assert [o.patch for o in check.ours] == [f"frozen/{p.name}" for p in files]
     assert check.ok, [(o.patch, o.detail) for o in check.ours if not o.ok]
-    assert check.applied[check.debian_patches:] == [f"frozen/{p.name}" for p in files]
+    assert check.applied[check.debian_patches :] == [f"frozen/{p.name}" for p in files]
     print(f"{project}: quilt applied {check.debian_patches} Debian + {len(files)} exported")
 
 
@@ -116,6 +125,7 @@ def test_mail_export_survives_git_am(project: str, tmp_path: Path) -> None:
     assert check.applied == len(files)
     assert check.signed == len(files)
     assert check.same_tree, "git am of the mails must give the series' tree"
-    print(f"{project}: {len(files)} mail(s) to {', '.join(result.recipients.to)}, "
-          f"git am applied {check.applied}")
-
+    print(
+        f"{project}: {len(files)} mail(s) to {', '.join(result.recipients.to)}, "
+        f"git am applied {check.applied}"
+    )

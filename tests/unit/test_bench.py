@@ -84,11 +84,17 @@ def test_ratio_of_medians_and_missing_values() -> None:
 
 @pytest.mark.parametrize(
     ("value", "limit", "met", "verdict"),
-    [(1.0, 1.1, True, "met"), (1.1, 1.1, True, "met"), (1.2, 1.1, False, "not met"),
-     (None, 1.1, None, "pending"), (1.0, None, None, "pending")],
-)  # fmt: skip
-def test_target_verdict(value: float | None, limit: float | None, met: bool | None,
-                        verdict: str) -> None:  # fmt: skip
+    [
+        (1.0, 1.1, True, "met"),
+        (1.1, 1.1, True, "met"),
+        (1.2, 1.1, False, "not met"),
+        (None, 1.1, None, "pending"),
+        (1.0, None, None, "pending"),
+    ],
+)
+def test_target_verdict(
+    value: float | None, limit: float | None, met: bool | None, verdict: str
+) -> None:
     t = bench.Target("x", value, limit)
     assert t.met is met
     assert t.verdict == verdict
@@ -189,12 +195,25 @@ def test_targets_of_a_partial_run() -> None:
 
 def test_summarize_samples() -> None:
     samples = [
-        {"latency": 0.002, "floor": 0.0001, "lock_free": 0.0021, "mid_copy": True,
-         "job_offset_frac": 0.5, "attempts": 1},
-        {"latency": 0.004, "floor": 0.0003, "lock_free": None, "lock_error": "standby silent",
-         "mid_copy": False, "job_offset_frac": 1.0, "attempts": 3},
+        {
+            "latency": 0.002,
+            "floor": 0.0001,
+            "lock_free": 0.0021,
+            "mid_copy": True,
+            "job_offset_frac": 0.5,
+            "attempts": 1,
+        },
+        {
+            "latency": 0.004,
+            "floor": 0.0003,
+            "lock_free": None,
+            "lock_error": "standby silent",
+            "mid_copy": False,
+            "job_offset_frac": 1.0,
+            "attempts": 3,
+        },
         {"latency": None, "floor": 0.0002, "error": "blockdev-set-active: GenericError: no"},
-    ]  # fmt: skip
+    ]
     out = bench.summarize(samples)
     assert out["latency"] == bench.Stat(0.003, 0.002, 0.004, 2)
     assert out["floor"].median == pytest.approx(0.0002)
@@ -235,8 +254,14 @@ def test_readme_table_from_the_json(via_json: bool) -> None:
     # Every table row has as many cells as its header.
     for line in lines:
         if line.startswith("|"):
-            start = max(i for i in range(len(lines[: lines.index(line) + 1]))
-                        if not lines[i].startswith("|")) + 1  # fmt: skip
+            start = (
+                max(
+                    i
+                    for i in range(len(lines[: lines.index(line) + 1]))
+                    if not lines[i].startswith("|")
+                )
+                + 1
+            )
             assert line.count("|") == lines[start].count("|"), line
 
 
@@ -321,8 +346,9 @@ def _reply(req: dict[str, Any], value: Any = None) -> bytes:
 
 
 def _event(name: str) -> bytes:
-    return json.dumps({"event": name, "data": {},
-                       "timestamp": {"seconds": 1, "microseconds": 2}}).encode()  # fmt: skip
+    return json.dumps(
+        {"event": name, "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}
+    ).encode()
 
 
 def _handler(req: dict[str, Any]) -> list[bytes]:
@@ -477,8 +503,12 @@ def test_standby_times_out_when_the_lock_stays(tmp_path: Path) -> None:
 def test_readme_table_marks_a_command_that_always_failed() -> None:
     result = _result()
     backup = _block(9.0, 1.0, 1.0, 4.0)
-    backup["script"] = {"latency": None, "floor": _s(0.15), "lock_free": None,
-                        "errors": ["script: blockdev-set-active: GenericError: nope"]}  # fmt: skip
+    backup["script"] = {
+        "latency": None,
+        "floor": _s(0.15),
+        "lock_free": None,
+        "errors": ["script: blockdev-set-active: GenericError: nope"],
+    }
     result["load"]["backup"] = backup
     md = bench.readme_table(json.loads(json.dumps(bench._jsonable(result))))
     assert (
@@ -504,8 +534,11 @@ def test_add_pacemaker_fills_the_hook_and_the_target(tmp_path: Path) -> None:
 
 def test_flat_in_ram_looks_at_every_size_and_partial_blocks_are_pending() -> None:
     result = _result()
-    result["memory"]["curve"] = {512: {"freeze": _s(1.0)}, 2048: {"freeze": _s(3.0)},
-                                 8192: {"freeze": _s(1.1)}}  # fmt: skip
+    result["memory"]["curve"] = {
+        512: {"freeze": _s(1.0)},
+        2048: {"freeze": _s(3.0)},
+        8192: {"freeze": _s(1.1)},
+    }
     del result["idle"]["stop"]
     targets = {t.name: t for t in bench.targets(result)}
     assert targets["freeze flat in RAM"].value == pytest.approx(3.0)

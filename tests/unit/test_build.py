@@ -18,8 +18,14 @@ def tree(tmp_path: Path) -> Tree:
         patch = tmp_path / f"000{i}-x.patch"
         patch.write_bytes(f"patch {i}\n".encode() * 50)
         series.append(patch)
-    base = sources.Base("qemu", "debian", "a" * 64, tmp_path / "orig.tar.xz", None,
-                        ("debian/patches/skip-install-dtb.patch",))
+    base = sources.Base(
+        "qemu",
+        "debian",
+        "a" * 64,
+        tmp_path / "orig.tar.xz",
+        None,
+        ("debian/patches/skip-install-dtb.patch",),
+    )
     return Tree("qemu", "frozen", tmp_path / "tree", base, tuple(series))
 
 
@@ -37,8 +43,9 @@ def test_cache_key_changes_with_one_patch_byte(tree: Tree) -> None:
 
 
 @pytest.mark.parametrize("change", ["base", "fixups", "options", "order", "recipe"])
-def test_cache_key_changes_with_each_input(tree: Tree, change: str,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_key_changes_with_each_input(
+    tree: Tree, change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     options = build.qemu_options()
     key = build.cache_key(tree, options)
     if change == "base":

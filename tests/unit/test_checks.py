@@ -322,8 +322,14 @@ def test_soak_sees_every_kind_of_movement(tmp_path: Path, no_nbd: None) -> None:
 
     s = _soak(tmp_path, vm, 0.6, move)
     text = "\n".join(s.notes)
-    for want in ("cont accepted", "hmp cont accepted", "status became running",
-                 "guest ran again", "image bytes changed", "datagram after freeze"):  # fmt: skip
+    for want in (
+        "cont accepted",
+        "hmp cont accepted",
+        "status became running",
+        "guest ran again",
+        "image bytes changed",
+        "datagram after freeze",
+    ):
         assert want in text, (want, s.notes)
     assert len(s.notes) == len(set(s.notes)), "each movement noted once"
 
@@ -338,11 +344,21 @@ def test_soak_stops_when_qemu_exits(tmp_path: Path, no_nbd: None) -> None:
 
 def good(**kw: Any) -> checks.FreezeResult:
     base = dict(
-        trigger="panic", accelerator="kvm", memory_kept=True, bytes_written_after_freeze=0,
-        packets_after_freeze=0, lock_released=True, refusals_held=True, status="frozen",
-        frozen_events=1, reason="guest-panic", records_on_disk=True, quit_clean=True,
-        soak_s=30.0, soak_rounds=40,
-    )  # fmt: skip
+        trigger="panic",
+        accelerator="kvm",
+        memory_kept=True,
+        bytes_written_after_freeze=0,
+        packets_after_freeze=0,
+        lock_released=True,
+        refusals_held=True,
+        status="frozen",
+        frozen_events=1,
+        reason="guest-panic",
+        records_on_disk=True,
+        quit_clean=True,
+        soak_s=30.0,
+        soak_rounds=40,
+    )
     return checks.FreezeResult(**{**base, **kw})
 
 
@@ -403,8 +419,14 @@ def test_error_rows_are_failures() -> None:
 
 
 def test_controls_are_right_when_red() -> None:
-    red = good(status="paused", frozen_events=0, reason=None, control=True,
-               refusals_held=False, bytes_written_after_freeze=300)  # fmt: skip
+    red = good(
+        status="paused",
+        frozen_events=0,
+        reason=None,
+        control=True,
+        refusals_held=False,
+        bytes_written_after_freeze=300,
+    )
     assert checks.verdict(red) == "red (expected)" and checks.verdict_ok(red)
     green = good(control=True)
     assert "cannot fail" in checks.verdict(green) and not checks.verdict_ok(green)
@@ -434,8 +456,7 @@ def test_verify_all_fails_without_kvm_or_namespaces(
     rows = checks.verify_all(tmp_path, tmp_path / "w", triggers=("qmp", "watchdog"))
     assert ran == [] and not any(r.ok for r in rows)
     assert all("cannot prove" in r.details[1] for r in rows)
-    rows = checks.verify_all(tmp_path, tmp_path / "w", triggers=("qmp", "watchdog"),
-                             partial=True)  # fmt: skip
+    rows = checks.verify_all(tmp_path, tmp_path / "w", triggers=("qmp", "watchdog"), partial=True)
     assert ran == [("qmp", "user", "tcg"), ("watchdog", "user", "tcg")]
     assert [checks.verdict(r) for r in rows] == ["PASS (partial)"] * 2
     assert any("tap networking" in g for g in rows[1].not_proven)

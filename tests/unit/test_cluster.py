@@ -64,10 +64,12 @@ def test_parse_crm_mon_xml() -> None:
 
 def test_group_is_ordered_filesystem_first() -> None:
     svc = failover.Service(
-        "vm", *(Path(p) for p in ("/s/fs.img", "/s/mnt", "/s/vm.xml")),
-        marker="ab", console=Path("/run/frozen/vm.sock"),
+        "vm",
+        *(Path(p) for p in ("/s/fs.img", "/s/mnt", "/s/vm.xml")),
+        marker="ab",
+        console=Path("/run/frozen/vm.sock"),
         console_log=Path("/run/frozen/vm.log"),
-    )  # fmt: skip
+    )
     el = ET.fromstring(failover.service_group(svc, "frozen", meta={"migration-threshold": "1"}))
     assert el.tag == "group" and el.get("id") == "g-vm"
     prims = el.findall("primitive")
@@ -93,16 +95,37 @@ def test_location_snippet() -> None:
 
 def test_table() -> None:
     row = failover.FailoverResult(
-        trigger="panic", agent="frozen", on_crash="freeze", monitor_rc=7,
-        failed_node_state="frozen (panicked)", memory_kept=True, same_qemu=True,
-        fs_released=True, recovered_on="node2", disk_opened_on_node2=True, node2_records=5,
-        failover_s=2.7, crm_mon_before="", crm_mon_after="",
-    )  # fmt: skip
+        trigger="panic",
+        agent="frozen",
+        on_crash="freeze",
+        monitor_rc=7,
+        failed_node_state="frozen (panicked)",
+        memory_kept=True,
+        same_qemu=True,
+        fs_released=True,
+        recovered_on="node2",
+        disk_opened_on_node2=True,
+        node2_records=5,
+        failover_s=2.7,
+        crm_mon_before="",
+        crm_mon_after="",
+    )
     lines = failover.table([row]).splitlines()
     assert lines[0].split()[:3] == ["trigger", "agent", "action"]
     assert set(lines[1]) <= {"-", " "}
-    assert lines[2].split() == ["panic", "frozen", "freeze", "7", "frozen", "(panicked)",
-                                "yes", "yes", "yes", "yes", "2.7"]  # fmt: skip
+    assert lines[2].split() == [
+        "panic",
+        "frozen",
+        "freeze",
+        "7",
+        "frozen",
+        "(panicked)",
+        "yes",
+        "yes",
+        "yes",
+        "yes",
+        "2.7",
+    ]
     assert "crm_mon_before" not in row.row()
 
 

@@ -20,6 +20,7 @@ def _edit_line(number: int, text: str):
         lines = path.read_text().splitlines(keepends=True)
         lines[number] = text + "\n"
         path.write_text("".join(lines))
+
     return edit
 
 
@@ -48,8 +49,10 @@ def test_dep3_header_from_the_patch(two_patches: list[Path], upstream: Path) -> 
     assert "Forwarded: no" in lines
     day = git(upstream, "log", "-1", "--format=%ad", "--date=short", "p0")
     assert f"Last-Update: {day}" in lines
-    assert all(ln.startswith((" ", "Description:", "Author:", "Forwarded:", "Last-Update:"))
-               for ln in lines)
+    assert all(
+        ln.startswith((" ", "Description:", "Author:", "Forwarded:", "Last-Update:"))
+        for ln in lines
+    )
 
 
 def test_dep3_decodes_encoded_author_and_keeps_the_diff(tmp_path: Path) -> None:
@@ -80,8 +83,9 @@ def test_read_patch_refuses_a_plain_diff(tmp_path: Path) -> None:
         export.read_patch(path)
 
 
-def test_debian_export_applies_with_quilt(two_patches: list[Path], upstream: Path,
-                                          tmp_path: Path) -> None:
+def test_debian_export_applies_with_quilt(
+    two_patches: list[Path], upstream: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "deb"
     written = export.export_debian(two_patches, out)
     assert [p.parent.name for p in written] == ["frozen", "frozen"]
@@ -89,7 +93,8 @@ def test_debian_export_applies_with_quilt(two_patches: list[Path], upstream: Pat
     # A miniature Debian tree: one Debian patch of its own, then ours appended.
     (upstream / "debian" / "patches").mkdir(parents=True)
     (upstream / "debian" / "patches" / "own.patch").write_text(
-        "--- a/extra.c\n+++ b/extra.c\n@@ -0,0 +1 @@\n+int debian;\n")
+        "--- a/extra.c\n+++ b/extra.c\n@@ -0,0 +1 @@\n+int debian;\n"
+    )
     (upstream / "debian" / "patches" / "series").write_text("own.patch\n")
     assert [o.patch for o in distro.quilt_push_all(upstream)] == ["own.patch"]
     with (upstream / "debian" / "patches" / "series").open("a") as series:
@@ -100,16 +105,19 @@ def test_debian_export_applies_with_quilt(two_patches: list[Path], upstream: Pat
         target.write_bytes(path.read_bytes())
     outcomes = distro.quilt_push_all(upstream)
     assert [(o.patch, o.status) for o in outcomes] == [
-        (f"frozen/{p.name}", "applies") for p in two_patches]
+        (f"frozen/{p.name}", "applies") for p in two_patches
+    ]
     assert distro.quilt_applied(upstream)[-1] == f"frozen/{two_patches[1].name}"
     assert "int b;" in (upstream / "runstate.c").read_text()
 
 
 def test_patch_output_offsets_fuzz_and_failures() -> None:
-    out = ("patching file block.c\nHunk #1 succeeded at 12.\n"
-           "Hunk #2 succeeded at 585 (offset -3 lines).\n"
-           "patching file net/net.c\nHunk #1 succeeded at 7 with fuzz 1 (offset 1 line).\n"
-           "Hunk #2 FAILED at 40.\n1 out of 2 hunks FAILED -- saving rejects\n")
+    out = (
+        "patching file block.c\nHunk #1 succeeded at 12.\n"
+        "Hunk #2 succeeded at 585 (offset -3 lines).\n"
+        "patching file net/net.c\nHunk #1 succeeded at 7 with fuzz 1 (offset 1 line).\n"
+        "Hunk #2 FAILED at 40.\n1 out of 2 hunks FAILED -- saving rejects\n"
+    )
     outcome = distro.read_patch_output("p.patch", out, 1)
     assert outcome.offsets == ("block.c: hunk #2 offset -3",)
     assert not outcome.ok
@@ -130,11 +138,14 @@ def test_spec_snippet_numbers_in_series_order() -> None:
     assert all(ln.startswith(("#", "Patch")) for ln in snippet.splitlines())
     # rpm applies by number, not by line order.
     assert export.parse_spec_snippet("Patch9002: b.patch\nPatch9001: a.patch\n") == [
-        "a.patch", "b.patch"]
+        "a.patch",
+        "b.patch",
+    ]
 
 
-def test_rpm_export_applies_with_patch_in_spec_order(two_patches: list[Path], upstream: Path,
-                                                     tmp_path: Path) -> None:
+def test_rpm_export_applies_with_patch_in_spec_order(
+    two_patches: list[Path], upstream: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "rpm"
     snippet = export.export_rpm(two_patches, out, "qemu")
     names = export.parse_spec_snippet(snippet.read_text())
@@ -158,16 +169,18 @@ def test_patch_in_order_stops_at_fuzz(two_patches: list[Path], upstream: Path) -
 # mail
 
 
-@pytest.mark.parametrize("signoff", [None, "", "nobody", "Name <not-an-address>",
-                                     "<a@example.invalid>"])
+@pytest.mark.parametrize(
+    "signoff", [None, "", "nobody", "Name <not-an-address>", "<a@example.invalid>"]
+)
 def test_mail_refuses_without_a_proper_signoff(signoff: str | None, tmp_path: Path) -> None:
     with pytest.raises(export.ExportError, match="--signoff"):
         export.export_mail("libvirt", tmp_path / "nowhere", tmp_path / "out", signoff=signoff)
     assert not (tmp_path / "out").exists(), "nothing is written before the refusal"
 
 
-def test_cli_mail_without_signoff_exits_2(tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_mail_without_signoff_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc = cli.main(["export", "mail", "--project", "qemu", str(tmp_path / "out")])
     assert rc == 2
     assert "refusing to export for mail without --signoff" in capsys.readouterr().err
@@ -180,19 +193,21 @@ def series_tree(upstream: Path) -> Path:
     (upstream / "docs").mkdir()
     (upstream / "docs" / "submitting-patches.rst").write_text(
         "::\n\n  $ git send-email --cover-letter --to=devel@lists.example.invalid master\n"
-        "  $ git config sendemail.to devel@lists.example.invalid\n")
+        "  $ git config sendemail.to devel@lists.example.invalid\n"
+    )
     git(upstream, "add", ".")
     git(upstream, "commit", "-q", "-m", "docs")
     git(upstream, "tag", "fixups")
-    for subject, number, text in (("conf: freeze line 5", 5, "int c;"),
-                                  ("qemu: freeze line 25", 25, "int d;")):
+    for subject, number, text in (
+        ("conf: freeze line 5", 5, "int c;"),
+        ("qemu: freeze line 25", 25, "int d;"),
+    ):
         _edit_line(number, text)(upstream)
         git(upstream, "commit", "-q", "-a", "-s", "-m", f"{subject}\n\nBecause frozen.")
     return upstream
 
 
-def test_mail_export_signs_addresses_and_survives_git_am(series_tree: Path,
-                                                         tmp_path: Path) -> None:
+def test_mail_export_signs_addresses_and_survives_git_am(series_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "mail"
     result = export.export_mail("libvirt", series_tree, out, signoff=SUBMITTER, version=2)
     names = [p.name for p in result.files]
@@ -218,7 +233,8 @@ def test_qemu_recipients_come_from_get_maintainer(tmp_path: Path) -> None:
     # A stand-in with get_maintainer.pl's output format (roles in parentheses).
     (tree / "scripts" / "get_maintainer.pl").write_text(
         'print "A Maintainer <a\\@example.invalid> (maintainer:Main loop)\\n";\n'
-        'print "qemu-devel\\@lists.example.invalid (open list:All patches CC here)\\n";\n')
+        'print "qemu-devel\\@lists.example.invalid (open list:All patches CC here)\\n";\n'
+    )
     rcpt = export.qemu_recipients(tree, [])
     assert rcpt.to == ("qemu-devel@lists.example.invalid",)
     assert rcpt.cc == ("A Maintainer <a@example.invalid>",)
@@ -243,8 +259,7 @@ def test_rebase_report_patch_by_patch(upstream: Path, tmp_path: Path) -> None:
     (upstream / "runstate.c").write_text("".join(text))
     git(upstream, "commit", "-q", "-a", "-m", "upstream moves on")
     report = export.rebase_report(upstream, patches)
-    assert [r.status for r in report] == ["conflicts", "applies with offset",
-                                          "applies with offset"]
+    assert [r.status for r in report] == ["conflicts", "applies with offset", "applies with offset"]
     assert "runstate.c" in report[0].detail and "int line2;" in report[0].detail
     assert "offset 4 lines" in report[1].detail
     assert git(upstream, "status", "--porcelain") == "", "the user's tree is not touched"
@@ -262,8 +277,7 @@ def test_rebase_report_clean_and_not_a_git_tree(upstream: Path, tmp_path: Path) 
 
 
 def _sc(result: str, stdout: str) -> dict:
-    return {"name": "syntax-check - libvirt:prohibit_strcmp", "result": result,
-            "stdout": stdout}
+    return {"name": "syntax-check - libvirt:prohibit_strcmp", "result": result, "stdout": stdout}
 
 
 def test_syntax_check_failure_in_a_touched_file_fails(tmp_path: Path) -> None:
@@ -319,8 +333,9 @@ def test_github_workflow() -> None:
     assert TEST_COMMAND in runs
     uses = [step.get("uses", "") for step in job["steps"]]
     assert any(u.startswith("actions/cache") for u in uses)
-    upload = next(s for s in job["steps"]
-                  if s.get("uses", "").startswith("actions/upload-artifact"))
+    upload = next(
+        s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact")
+    )
     assert upload["if"].startswith("always()")
     assert upload["with"]["path"].startswith(".frozen-cache/results")
     assert job["env"]["FROZEN_CACHE"].endswith("/.frozen-cache")

@@ -166,8 +166,11 @@ def test_created_objects_get_fresh_ids(gen: fuzz.ArgGenerator) -> None:
         first = next(s for s in sets if s["qom-type"] == t)
         assert isinstance(first["id"], fuzz.Fresh)
     assert any(s["id"] == "vblk0" for s in sets), "duplicates of real ids are tried too"
-    frig = SimpleNamespace(rig=SimpleNamespace(vm=SimpleNamespace(binary="qemu")),
-                           scratch=Path("/nonexistent"), sock_dir=Path("/nonexistent"))  # fmt: skip
+    frig = SimpleNamespace(
+        rig=SimpleNamespace(vm=SimpleNamespace(binary="qemu")),
+        scratch=Path("/nonexistent"),
+        sock_dir=Path("/nonexistent"),
+    )
     fz = fuzz._Fuzzer(frig, "frozen", 1.0, None, None)  # type: ignore[arg-type]
     ids = {fz.materialize(fuzz.Fresh(), "object-add") for _ in range(3)}
     assert len(ids) == 3 and not ids & set(values().names())
@@ -231,13 +234,26 @@ info status  -- show the current VM status (running|paused)
 
 def test_parse_hmp_help() -> None:
     cmds = {c.name: c for c in fuzz.parse_hmp_help(HELP)}
-    assert set(cmds) == {"announce_self", "block_resize", "cont", "drive_add", "getfd",
-                         "memsave", "quit", "set_link", "x", "block_job_cancel"}  # fmt: skip
+    assert set(cmds) == {
+        "announce_self",
+        "block_resize",
+        "cont",
+        "drive_add",
+        "getfd",
+        "memsave",
+        "quit",
+        "set_link",
+        "x",
+        "block_job_cancel",
+    }
     assert cmds["cont"].aliases == ("cont", "c")
     assert [a.name for a in cmds["getfd"].args] == ["name"], "the repeated name is dropped"
     mem = cmds["memsave"].args
-    assert [(a.name, a.kind) for a in mem] == [("addr", "number"), ("size", "number"),
-                                               ("file", "path")]  # fmt: skip
+    assert [(a.name, a.kind) for a in mem] == [
+        ("addr", "number"),
+        ("size", "number"),
+        ("file", "path"),
+    ]
     link = cmds["set_link"].args
     assert link[0].kind == "name" and link[1].choices == ("on", "off")
     assert cmds["x"].args[0].kind == "fmt"
@@ -295,11 +311,23 @@ def test_breaks_nothing_when_nothing_moved() -> None:
 
 
 def test_breaks_each_invariant() -> None:
-    now = obs(status="running", records=7, digests={"disk.raw": "X", "ovl.qcow2": "b"},
-              locks={"disk.raw": [101], "ovl.qcow2": []}, datagrams=4, frames=5)  # fmt: skip
+    now = obs(
+        status="running",
+        records=7,
+        digests={"disk.raw": "X", "ovl.qcow2": "b"},
+        locks={"disk.raw": [101], "ovl.qcow2": []},
+        datagrams=4,
+        frames=5,
+    )
     got = fuzz.breaks(obs(), now, "frozen")
-    assert [fuzz.invariant_of(b) for b in got] == ["status", "guest ran", "bytes", "lock",
-                                                   "frames", "datagrams"]  # fmt: skip
+    assert [fuzz.invariant_of(b) for b in got] == [
+        "status",
+        "guest ran",
+        "bytes",
+        "lock",
+        "frames",
+        "datagrams",
+    ]
     assert "disk.raw" in got[2] and "101(write held)" in got[3]
     assert "blocks a read-write standby" in got[3]
     assert got[4].startswith("frames: 3")
@@ -365,10 +393,15 @@ def test_report_counts_table_and_merge() -> None:
         fuzz.CallResult("qmp", "cont", "{}", refused=True, error="frozen"),
         fuzz.CallResult("qmp", "query-status", "{}", refused=False),
         fuzz.CallResult("hmp", "info status", "info status", refused=False),
-        fuzz.CallResult("qmp", "block_resize", "{...}", refused=False,
-                        broken=["bytes: disk.raw changed", "alive: killed by SIGABRT"],
-                        alive=False),
-    ]  # fmt: skip
+        fuzz.CallResult(
+            "qmp",
+            "block_resize",
+            "{...}",
+            refused=False,
+            broken=["bytes: disk.raw changed", "alive: killed by SIGABRT"],
+            alive=False,
+        ),
+    ]
     a.crashes = ["after qmp block_resize: killed by SIGABRT"]
     a.not_run = {"hmp:x": 3}
     b = fuzz.FuzzReport("frozen", "qemu", calls=[fuzz.CallResult("hmp", "x", "x", False)])
@@ -386,11 +419,19 @@ def test_report_counts_table_and_merge() -> None:
 
 
 def test_materialize_makes_fresh_scratch_paths(tmp_path: Path) -> None:
-    frig = SimpleNamespace(rig=SimpleNamespace(vm=SimpleNamespace(binary="qemu")),
-                           scratch=tmp_path / "scratch", sock_dir=tmp_path / "s")  # fmt: skip
+    frig = SimpleNamespace(
+        rig=SimpleNamespace(vm=SimpleNamespace(binary="qemu")),
+        scratch=tmp_path / "scratch",
+        sock_dir=tmp_path / "s",
+    )
     fz = fuzz._Fuzzer(frig, "frozen", 1.0, None, None)  # type: ignore[arg-type]
-    args = {"a": fuzz.Scratch(), "b": [fuzz.Scratch("file-uri")], "c": fuzz.Scratch("sock"),
-            "d": fuzz.Scratch("dir"), "e": "keep"}  # fmt: skip
+    args = {
+        "a": fuzz.Scratch(),
+        "b": [fuzz.Scratch("file-uri")],
+        "c": fuzz.Scratch("sock"),
+        "d": fuzz.Scratch("dir"),
+        "e": "keep",
+    }
     out = fz.materialize(args, "dump-guest-memory")
     assert out["a"].startswith(str(tmp_path / "scratch"))
     assert out["b"][0].startswith(f"file:{tmp_path / 'scratch'}")

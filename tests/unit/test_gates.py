@@ -33,12 +33,15 @@ def test_good_patch_passes(tmp_path: Path) -> None:
     assert result.ok, result.detail
 
 
-@pytest.mark.parametrize(("old", "new", "problem"), [
-    ("qapi: add the frozen run state", "qapi: " + "x" * 80, "chars"),
-    ("qapi: add the frozen run state", "add the frozen run state", "prefix"),
-    ("Signed-off-by: Seed maintainers <maintainers@example.invalid>\n", "", "Signed-off-by"),
-    ("A frozen VM never runs again and never modifies external resources.\n", "", "body"),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ("qapi: add the frozen run state", "qapi: " + "x" * 80, "chars"),
+        ("qapi: add the frozen run state", "add the frozen run state", "prefix"),
+        ("Signed-off-by: Seed maintainers <maintainers@example.invalid>\n", "", "Signed-off-by"),
+        ("A frozen VM never runs again and never modifies external resources.\n", "", "body"),
+    ],
+)
 def test_shape_problems_are_named(tmp_path: Path, old: str, new: str, problem: str) -> None:
     result = gates.shape(_write(tmp_path, GOOD.replace(old, new)))
     assert not result.ok
@@ -47,19 +50,25 @@ def test_shape_problems_are_named(tmp_path: Path, old: str, new: str, problem: s
 
 def test_folded_subject_is_measured_whole(tmp_path: Path) -> None:
     # format-patch folds long subjects over two header lines.
-    short = GOOD.replace("qapi: add the frozen run state",
-                         "qapi: add the frozen run state and\n its documentation")
+    short = GOOD.replace(
+        "qapi: add the frozen run state", "qapi: add the frozen run state and\n its documentation"
+    )
     assert gates.shape(_write(tmp_path, short)).ok
-    long = GOOD.replace("qapi: add the frozen run state",
-                        "qapi: add the frozen run state, its transitions and\n"
-                        " the FreezeReason enum for every trigger")
+    long = GOOD.replace(
+        "qapi: add the frozen run state",
+        "qapi: add the frozen run state, its transitions and\n"
+        " the FreezeReason enum for every trigger",
+    )
     result = gates.shape(_write(tmp_path, long))
     assert not result.ok and "91 chars" in result.detail
 
 
 def test_junit_counts_and_missing_file(tmp_path: Path) -> None:
-    results = [gates.GateResult("g", "a", True), gates.GateResult("g", "b", False, "bad"),
-               gates.GateResult("g", "c", True, "later", skipped=True)]
+    results = [
+        gates.GateResult("g", "a", True),
+        gates.GateResult("g", "b", False, "bad"),
+        gates.GateResult("g", "c", True, "later", skipped=True),
+    ]
     path = tmp_path / "r.xml"
     suite.write_junit(path, "gates", results)
     counts = suite.junit_counts(path)
@@ -83,8 +92,10 @@ def test_bisect_past_its_deadline_skips_instead_of_passing(tmp_path: Path, upstr
         git(work, "add", f"f{i}.c")
         git(work, "commit", "-q", "-s", "-m", f"monitor: add f{i}\n\nWhy.")
     series_dir = tmp_path / "series"
-    names = [Path(p).name for p in
-             git(work, "format-patch", "-o", str(series_dir), "origin/master").split()]
+    names = [
+        Path(p).name
+        for p in git(work, "format-patch", "-o", str(series_dir), "origin/master").split()
+    ]
     (series_dir / "series").write_text("".join(n + "\n" for n in names))
     tree = patches.prepare("qemu", local=upstream, path=tmp_path / "tree", series_dir=series_dir)
     results = gates.bisect(tree, deadline=0.0)
@@ -100,13 +111,16 @@ def _fake_meson(tmp_path: Path, results: list[str], rc: int) -> dict[str, str]:
 
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    lines = "".join(json.dumps({"name": f"libvirt:t{i}", "result": r}) + "\n"
-                    for i, r in enumerate(results))
+    lines = "".join(
+        json.dumps({"name": f"libvirt:t{i}", "result": r}) + "\n" for i, r in enumerate(results)
+    )
     script = bindir / "meson"
-    script.write_text("#!/bin/sh\n"
-                      'mkdir -p "$3/meson-logs"\n'
-                      f"cat > \"$3/meson-logs/testlog.json\" <<'END'\n{lines}END\n"
-                      f"exit {rc}\n")
+    script.write_text(
+        "#!/bin/sh\n"
+        'mkdir -p "$3/meson-logs"\n'
+        f"cat > \"$3/meson-logs/testlog.json\" <<'END'\n{lines}END\n"
+        f"exit {rc}\n"
+    )
     script.chmod(0o755)
     return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
 

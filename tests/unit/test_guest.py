@@ -95,13 +95,20 @@ def test_cmdline_defaults_fit_user_networking() -> None:
 
 def test_cmdline_static_neighbour_and_tap_addresses() -> None:
     line = guest.probe_cmdline(
-        "abc123", dst_ip="192.168.77.1", dst_port=9, src_ip="192.168.77.2",
-        gw_mac="52:55:0A:00:02:02", gateway="192.168.77.1",
-    )  # fmt: skip
+        "abc123",
+        dst_ip="192.168.77.1",
+        dst_port=9,
+        src_ip="192.168.77.2",
+        gw_mac="52:55:0A:00:02:02",
+        gateway="192.168.77.1",
+    )
     words = dict(w.split("=", 1) for w in line.split())
     assert words["dmac"] == "52:55:0a:00:02:02"
-    assert (words["ip"], words["dst"], words["gw"]) == ("192.168.77.2", "192.168.77.1",
-                                                       "192.168.77.1")  # fmt: skip
+    assert (words["ip"], words["dst"], words["gw"]) == (
+        "192.168.77.2",
+        "192.168.77.1",
+        "192.168.77.1",
+    )
 
 
 @pytest.mark.parametrize(
@@ -125,8 +132,11 @@ def test_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
 def test_qemu_argument_forms(tmp_path: Path) -> None:
     cfg = guest.ProbeConfig(marker="beef", dst_port=4000)
     assert cfg.kernel_args(tmp_path / "p.elf") == [
-        "-kernel", str(tmp_path / "p.elf"), "-append", cfg.cmdline(),
-    ]  # fmt: skip
+        "-kernel",
+        str(tmp_path / "p.elf"),
+        "-append",
+        cfg.cmdline(),
+    ]
     bios = cfg.bios_args(tmp_path / "p.bin")
     assert bios[:3] == ["-bios", str(tmp_path / "p.bin"), "-fw_cfg"]
     assert bios[3] == f"name=opt/frozen/cmdline,string={cfg.cmdline()}"
@@ -152,4 +162,3 @@ def test_decode_sector_checks_magic_and_crc() -> None:
     assert guest.decode_sector(bytes(corrupt)) is None
     assert guest.decode_sector(bytes(512)) is None
     assert guest.decode_sector(good[:511]) is None
-

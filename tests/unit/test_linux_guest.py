@@ -54,9 +54,14 @@ def test_cmdline_net_off_sends_nothing() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"marker": "not-hex"}, {"marker": "ab", "dst_ip": "10.0.2"}, {"marker": "ab", "sectors": 0},
-     {"marker": "ab", "watchdog": "none"}, {"marker": "ab", "wdt_timeout_s": 0}],
-)  # fmt: skip
+    [
+        {"marker": "not-hex"},
+        {"marker": "ab", "dst_ip": "10.0.2"},
+        {"marker": "ab", "sectors": 0},
+        {"marker": "ab", "watchdog": "none"},
+        {"marker": "ab", "wdt_timeout_s": 0},
+    ],
+)
 def test_config_rejects_bad_values(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         LinuxConfig(**bad)  # type: ignore[arg-type]
@@ -72,10 +77,12 @@ def test_boot_args() -> None:
 
 
 def test_cpio_newc_layout() -> None:
-    data = linux_guest.cpio_newc([
-        CpioEntry("init", linux_guest.S_IFREG | 0o755, b"#!/bin/sh\n"),
-        CpioEntry("dev/console", linux_guest.S_IFCHR | 0o600, rdev=(5, 1)),
-    ])  # fmt: skip
+    data = linux_guest.cpio_newc(
+        [
+            CpioEntry("init", linux_guest.S_IFREG | 0o755, b"#!/bin/sh\n"),
+            CpioEntry("dev/console", linux_guest.S_IFCHR | 0o600, rdev=(5, 1)),
+        ]
+    )
     assert data.startswith(b"070701")
     assert len(data) % 4 == 0
     assert data.count(b"070701") == 3  # two entries and the trailer
@@ -88,13 +95,16 @@ def test_cpio_newc_layout() -> None:
 
 @pytest.mark.skipif(shutil.which("cpio") is None, reason="no cpio tool to read the archive")
 def test_cpio_newc_readable_by_cpio(tmp_path: Path) -> None:
-    data = linux_guest.cpio_newc([
-        CpioEntry("bin", linux_guest.S_IFDIR | 0o755),
-        CpioEntry("bin/tool", linux_guest.S_IFREG | 0o755, b"x" * 513),
-        CpioEntry("bin/sh", linux_guest.S_IFLNK | 0o777, b"tool"),
-    ])  # fmt: skip
-    r = subprocess.run(["cpio", "-idm", "--quiet"], input=data, cwd=tmp_path,
-                       capture_output=True, check=False)  # fmt: skip
+    data = linux_guest.cpio_newc(
+        [
+            CpioEntry("bin", linux_guest.S_IFDIR | 0o755),
+            CpioEntry("bin/tool", linux_guest.S_IFREG | 0o755, b"x" * 513),
+            CpioEntry("bin/sh", linux_guest.S_IFLNK | 0o777, b"tool"),
+        ]
+    )
+    r = subprocess.run(
+        ["cpio", "-idm", "--quiet"], input=data, cwd=tmp_path, capture_output=True, check=False
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "bin" / "tool").read_bytes() == b"x" * 513
     assert (tmp_path / "bin" / "sh").is_symlink()
@@ -122,8 +132,12 @@ def test_resolve_modules_orders_dependencies_first() -> None:
     order = linux_guest.resolve_modules(deps, ["virtio_net", "pvpanic_mmio", "virtio_pci"])
     names = [linux_guest.module_name(p) for p in order]
     assert sorted(names) == sorted(set(names))  # each once
-    for mod, needs in (("virtio_net", "net_failover"), ("net_failover", "failover"),
-                       ("virtio_pci", "virtio_ring"), ("pvpanic_mmio", "pvpanic")):  # fmt: skip
+    for mod, needs in (
+        ("virtio_net", "net_failover"),
+        ("net_failover", "failover"),
+        ("virtio_pci", "virtio_ring"),
+        ("pvpanic_mmio", "pvpanic"),
+    ):
         assert names.index(needs) < names.index(mod)
     assert "virtio_pci_modern_dev" in names
 
@@ -161,8 +175,9 @@ def test_extract_vmlinux_from_synthetic_bzimage(kind: str) -> None:
     else:
         if shutil.which("zstd") is None:
             pytest.skip("no zstd tool")
-        payload = subprocess.run(["zstd", "-q", "-c"], input=elf, capture_output=True,
-                                 check=True).stdout  # fmt: skip
+        payload = subprocess.run(
+            ["zstd", "-q", "-c"], input=elf, capture_output=True, check=True
+        ).stdout
     # Setup code before, a stray false magic, trailing data after (as in a bzImage).
     image = b"MZ" + b"\0" * 510 + b"HdrS" + b"\x1f\x8b\x08junk" + payload + b"\0" * 100
     out = linux_guest.extract_vmlinux(image)
@@ -210,8 +225,12 @@ def test_helper_writes_probe_records(tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"
     disk.write_bytes(bytes(8 * 512))
     # O_DIRECT may be refused on tmpfs; then the helper reports ioerr.
-    out = subprocess.run([str(helper), str(disk), "5", "0", "c0ffee", "-", "0"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [str(helper), str(disk), "5", "0", "c0ffee", "-", "0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     if "blk=ioerr" in out:
         pytest.skip("O_DIRECT not supported on this file system")
     assert out.startswith("blk=ok net=off t=")
@@ -238,8 +257,9 @@ def test_init_script_parses(tmp_path: Path) -> None:
     """/init is valid busybox sh and prints the words the checks parse."""
     init = tmp_path / "init"
     init.write_text(linux_guest.INIT_SH)
-    r = subprocess.run(["busybox", "sh", "-n", str(init)], capture_output=True, text=True,
-                       check=False)  # fmt: skip
+    r = subprocess.run(
+        ["busybox", "sh", "-n", str(init)], capture_output=True, text=True, check=False
+    )
     assert r.returncode == 0, r.stderr
     assert "record sectors=" in linux_guest.INIT_SH
     assert 'echo "record $n $st"' in linux_guest.INIT_SH

@@ -15,11 +15,14 @@ def test_parse_series_skips_comments_and_blank_lines() -> None:
     assert patches.parse_series(text) == ["0001-qapi-add.patch", "0002-runstate.patch"]
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("a.patch -p0\n", "only -p1"),
-    ("a.patch\na.patch\n", "listed twice"),
-    ("../a.patch\n", "not a file name"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a.patch -p0\n", "only -p1"),
+        ("a.patch\na.patch\n", "listed twice"),
+        ("../a.patch\n", "not a file name"),
+    ],
+)
 def test_parse_series_rejects(text: str, message: str) -> None:
     with pytest.raises(patches.SeriesError, match=message):
         patches.parse_series(text, "series")
@@ -61,8 +64,7 @@ def _series_of(upstream: Path, out: Path) -> Path:
 def test_prepare_applies_one_commit_per_patch(tmp_path: Path, upstream: Path) -> None:
     series_dir = tmp_path / "series"
     patch = _series_of(upstream, series_dir)
-    tree = patches.prepare("qemu", local=upstream, path=tmp_path / "tree",
-                           series_dir=series_dir)
+    tree = patches.prepare("qemu", local=upstream, path=tmp_path / "tree", series_dir=series_dir)
     assert tree.patches == (patch,)
     assert git(tree.path, "log", "-1", "--format=%s") == "system/runstate: rename line10"
     assert "int frozen10;" in (tree.path / "runstate.c").read_text()
@@ -113,7 +115,6 @@ def test_refresh_exports_the_tree_commits(tmp_path: Path, upstream: Path) -> Non
     assert [p.name for p in written] == [old.name, "0002-monitor-add-freeze.patch"]
     assert patches.parse_series((series_dir / "series").read_text()) == [p.name for p in written]
     # The regenerated series re-applies to an identical tree.
-    fresh = patches.prepare("qemu", local=upstream, path=tmp_path / "fresh",
-                            series_dir=series_dir)
+    fresh = patches.prepare("qemu", local=upstream, path=tmp_path / "fresh", series_dir=series_dir)
     assert (fresh.path / "freeze.c").read_text() == "void qmp_freeze(void) {}\n"
     assert "int frozen10;" in (fresh.path / "runstate.c").read_text()

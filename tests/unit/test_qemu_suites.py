@@ -13,24 +13,27 @@ from harness.qemu_suites import SideResult, SuiteTest
 PASS, FAIL, SKIP = SideResult("pass"), SideResult("fail", "boom"), SideResult("skip")
 
 
-@pytest.mark.parametrize(("stock", "frozen", "verdict", "ok"), [
-    (PASS, PASS, "pass", True),
-    (SKIP, SKIP, "skipped", False),
-    (FAIL, FAIL, "pre-existing", True),
-    (FAIL, PASS, "fixed", True),
-    (SKIP, PASS, "fixed", True),
-    (PASS, FAIL, "regression", False),
-    (PASS, SKIP, "regression", False),
-    (SKIP, FAIL, "changed", False),
-    (FAIL, SKIP, "changed", False),
-    (qemu_suites.NOT_RUN, PASS, "not run", False),
-    (PASS, qemu_suites.NOT_RUN, "not run", False),
-    (qemu_suites.ABSENT, PASS, "new", True),
-    (qemu_suites.ABSENT, FAIL, "regression", False),
-    (qemu_suites.ABSENT, SKIP, "regression", False),
-    (PASS, qemu_suites.ABSENT, "vanished", False),
-    (FAIL, qemu_suites.ABSENT, "vanished", False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("stock", "frozen", "verdict", "ok"),
+    [
+        (PASS, PASS, "pass", True),
+        (SKIP, SKIP, "skipped", False),
+        (FAIL, FAIL, "pre-existing", True),
+        (FAIL, PASS, "fixed", True),
+        (SKIP, PASS, "fixed", True),
+        (PASS, FAIL, "regression", False),
+        (PASS, SKIP, "regression", False),
+        (SKIP, FAIL, "changed", False),
+        (FAIL, SKIP, "changed", False),
+        (qemu_suites.NOT_RUN, PASS, "not run", False),
+        (PASS, qemu_suites.NOT_RUN, "not run", False),
+        (qemu_suites.ABSENT, PASS, "new", True),
+        (qemu_suites.ABSENT, FAIL, "regression", False),
+        (qemu_suites.ABSENT, SKIP, "regression", False),
+        (PASS, qemu_suites.ABSENT, "vanished", False),
+        (FAIL, qemu_suites.ABSENT, "vanished", False),
+    ],
+)
 def test_judge(stock: SideResult, frozen: SideResult, verdict: str, ok: bool) -> None:
     c = qemu_suites.compare(SuiteTest("iotests-raw", "001"), stock, frozen)
     assert c.verdict == verdict
@@ -62,10 +65,18 @@ def test_parse_tap_ignores_comments_and_plan() -> None:
     assert qemu_suites.parse_tap("1..1\n# ok raw 001\n") == {}
 
 
-@pytest.mark.parametrize(("meson", "ours"), [
-    ("OK", "pass"), ("EXPECTEDFAIL", "pass"), ("SKIP", "skip"), ("FAIL", "fail"),
-    ("TIMEOUT", "fail"), ("ERROR", "fail"), ("UNEXPECTEDPASS", "fail"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("meson", "ours"),
+    [
+        ("OK", "pass"),
+        ("EXPECTEDFAIL", "pass"),
+        ("SKIP", "skip"),
+        ("FAIL", "fail"),
+        ("TIMEOUT", "fail"),
+        ("ERROR", "fail"),
+        ("UNEXPECTEDPASS", "fail"),
+    ],
+)
 def test_meson_result(meson: str, ours: str) -> None:
     assert qemu_suites.meson_result(meson) == ours
 
@@ -164,13 +175,15 @@ def test_run_group_kills_what_the_test_started(tmp_path: Path) -> None:
 
 
 def test_run_group_returns_output_and_status() -> None:
-    r = qemu_suites.run_group(["sh", "-c", "echo out; echo err >&2; exit 3"], cwd=None,
-                              env=dict(os.environ), timeout=10.0)  # fmt: skip
+    r = qemu_suites.run_group(
+        ["sh", "-c", "echo out; echo err >&2; exit 3"], cwd=None, env=dict(os.environ), timeout=10.0
+    )
     assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
 
 
-def test_plan_orders_and_tells_the_sides_apart(monkeypatch: pytest.MonkeyPatch,
-                                              tmp_path: Path) -> None:  # fmt: skip
+def test_plan_orders_and_tells_the_sides_apart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     stock, frozen = _install(tmp_path, "stock"), _install(tmp_path, "frozen")
     qtests = {"stock": ["qom-test", "old-test"], "frozen": ["qom-test", "frozen-test"]}
     monkeypatch.setattr(qemu_suites, "close_iotests", lambda inst: ["inactive-node-nbd"])
@@ -178,9 +191,13 @@ def test_plan_orders_and_tells_the_sides_apart(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(qemu_suites, "list_iotests", lambda inst, fmt, group: ["001"])
     p = qemu_suites.plan(stock, frozen)
     assert [t.label for t in p.tests] == [
-        "iotests-raw/inactive-node-nbd", "iotests-qcow2/inactive-node-nbd",
-        "qtest-x86_64/qom-test", "qtest-x86_64/old-test", "qtest-x86_64/frozen-test",
-        "iotests-raw/001", "iotests-qcow2/001",
-    ]  # fmt: skip
+        "iotests-raw/inactive-node-nbd",
+        "iotests-qcow2/inactive-node-nbd",
+        "qtest-x86_64/qom-test",
+        "qtest-x86_64/old-test",
+        "qtest-x86_64/frozen-test",
+        "iotests-raw/001",
+        "iotests-qcow2/001",
+    ]
     assert SuiteTest("qtest-x86_64", "frozen-test") not in p.stock
     assert SuiteTest("qtest-x86_64", "old-test") not in p.frozen

@@ -56,8 +56,10 @@ def etc_apt(tmp_path: Path) -> Path:
 
 def test_archive_entries_come_from_the_system_config(etc_apt: Path) -> None:
     archive = sources.debian_archive_entries(sources.system_apt_entries(etc_apt))
-    assert [e.uri for e in archive] == ["http://other.example/debian",
-                                        "http://mirror.example/debian"]
+    assert [e.uri for e in archive] == [
+        "http://other.example/debian",
+        "http://mirror.example/debian",
+    ]
     assert archive[0].signed_by == "/etc/keyring.gpg"
 
 
@@ -89,10 +91,17 @@ def test_private_apt_writes_only_below_its_root(tmp_path: Path, etc_apt: Path) -
     assert "Dir::Etc::SourceParts=/nonexistent" in opts
 
 
-@pytest.mark.parametrize(("source", "name", "path"), [
-    ("qemu", "qemu_10.2.2+ds.orig.tar.xz", "pool/main/q/qemu/qemu_10.2.2%2Bds.orig.tar.xz"),
-    ("libvirt", "libvirt_11.3.0.orig.tar.xz", "pool/main/libv/libvirt/libvirt_11.3.0.orig.tar.xz"),
-])
+@pytest.mark.parametrize(
+    ("source", "name", "path"),
+    [
+        ("qemu", "qemu_10.2.2+ds.orig.tar.xz", "pool/main/q/qemu/qemu_10.2.2%2Bds.orig.tar.xz"),
+        (
+            "libvirt",
+            "libvirt_11.3.0.orig.tar.xz",
+            "pool/main/libv/libvirt/libvirt_11.3.0.orig.tar.xz",
+        ),
+    ],
+)
 def test_pool_path(source: str, name: str, path: str) -> None:
     assert sources.pool_path(source, name) == path
 
@@ -115,8 +124,14 @@ def test_fetch_reuses_verified_downloads(monkeypatch: pytest.MonkeyPatch) -> Non
     content = b"pinned bytes"
     cached = sources.downloads_dir() / "x_1.orig.tar.xz"
     cached.write_bytes(content)
-    pin = config.SourcePin("x", "1", "x", "1-1", "sid", (
-        config.Artifact("x_1.orig.tar.xz", hashlib.sha256(content).hexdigest(), "orig"),))
+    pin = config.SourcePin(
+        "x",
+        "1",
+        "x",
+        "1-1",
+        "sid",
+        (config.Artifact("x_1.orig.tar.xz", hashlib.sha256(content).hexdigest(), "orig"),),
+    )
     # No apt object is needed: nothing is missing, so nothing is downloaded.
     assert sources.fetch(pin, apt=None) == {"orig": cached}
 
@@ -172,8 +187,10 @@ def test_local_git_base_uses_its_head(tmp_path: Path, upstream: Path) -> None:
 
 def test_debian_fixups_are_a_commit_of_their_own(tmp_path: Path) -> None:
     orig = _tarball(tmp_path, {"pc-bios/meson.build": b"blobs = ['a.bin']\n"})
-    fixup = (b"--- a/pc-bios/meson.build\n+++ b/pc-bios/meson.build\n"
-             b"@@ -1 +1 @@\n-blobs = ['a.bin']\n+blobs = []\n")
+    fixup = (
+        b"--- a/pc-bios/meson.build\n+++ b/pc-bios/meson.build\n"
+        b"@@ -1 +1 @@\n-blobs = ['a.bin']\n+blobs = []\n"
+    )
     debian = tmp_path / "proj_1.0-1.debian.tar.xz"
     with tarfile.open(debian, "w:xz") as tar:
         info = tarfile.TarInfo("debian/patches/skip.patch")
@@ -190,18 +207,22 @@ def test_debian_fixups_are_a_commit_of_their_own(tmp_path: Path) -> None:
 def test_git_identity_is_the_repositorys() -> None:
     name, email = sources.git_identity()
     root = str(config.repo_root())
-    configured = subprocess.run(["git", "-C", root, "config", "user.name"],
-                                capture_output=True, text=True).stdout.strip()
-    author = subprocess.run(["git", "-C", root, "log", "-1", "--format=%an"],
-                            capture_output=True, text=True).stdout.strip()
+    configured = subprocess.run(
+        ["git", "-C", root, "config", "user.name"], capture_output=True, text=True
+    ).stdout.strip()
+    author = subprocess.run(
+        ["git", "-C", root, "log", "-1", "--format=%an"], capture_output=True, text=True
+    ).stdout.strip()
     assert name in (configured, author) and "@" in email
 
 
 def test_untracked_paths_stay_out_of_the_base_commit(tmp_path: Path) -> None:
-    tarball = _tarball(tmp_path, {"src/a.c": b"int a;\n",
-                                  "subprojects/keycodemapdb/keymaps.csv": b"a,b\n"})
-    base = sources.Base("libvirt", "tarball", "id", tarball,
-                        untracked=("subprojects/keycodemapdb",))
+    tarball = _tarball(
+        tmp_path, {"src/a.c": b"int a;\n", "subprojects/keycodemapdb/keymaps.csv": b"a,b\n"}
+    )
+    base = sources.Base(
+        "libvirt", "tarball", "id", tarball, untracked=("subprojects/keycodemapdb",)
+    )
     tree = tmp_path / "tree"
     sources.make_tree(base, tree)
     assert (tree / "subprojects" / "keycodemapdb" / "keymaps.csv").exists()

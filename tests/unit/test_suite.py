@@ -114,8 +114,14 @@ def test_one_vanished_test_fails_beside_the_ones_that_ran(
     monkeypatch.setattr(suite, "meson_test_names", lambda install: listed)
     ran: list[list[str]] = []
 
-    def meson_test(s: suite.Suite, stage: str, install: Any, args: list[str], started: float,
-                   extra: suite.Counts | None = None) -> None:  # fmt: skip
+    def meson_test(
+        s: suite.Suite,
+        stage: str,
+        install: Any,
+        args: list[str],
+        started: float,
+        extra: suite.Counts | None = None,
+    ) -> None:
         ran.append(args)
         counts = suite.Counts(passed=len(args))
         if extra is not None:

@@ -184,9 +184,7 @@ def test_launch_failure_reports_stderr(fake_qemu: Path, monkeypatch: pytest.Monk
     assert vm.exitcode == 1
 
 
-def test_failure_after_monitor_connected(
-    fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failure_after_monitor_connected(fake_qemu: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_MODE", "late-die")
     vm = VM(fake_qemu, name="late", accel=None)
     with pytest.raises(VMLaunchError, match="write lock") as ei:
