@@ -12,7 +12,12 @@ driver must get right for a cluster:
   lease released when virtqemud reconnects (virtlockd + lockd, real
   fcntl leases), and so has one frozen through virDomainFreeze;
 * reverting a frozen domain to a snapshot is refused with the frozen error
-  and keeps the frozen QEMU (and its memory).
+  and keeps the frozen QEMU (and its memory);
+* a freeze whose images QEMU could not release fails, also when retried;
+* the crash action can be switched to 'freeze' on a running domain, and
+  is checked against the QEMU binary for the persistent definition;
+* a device whose I/O QEMU cannot sever (a vhost-user interface, a PCI host
+  device) makes a freeze action fail with VIR_ERR_OPERATION_UNSUPPORTED naming the device.
 
 Environment: FROZEN_LIBVIRT and FROZEN_QEMU (install prefixes).
 """
@@ -20,6 +25,7 @@ Environment: FROZEN_LIBVIRT and FROZEN_QEMU (install prefixes).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -45,8 +51,8 @@ from test_libvirt_frozen import (  # noqa: E402
     wait_until,
 )
 
-from harness import guest, libvirtd  # noqa: E402
-from harness.vm import qemu_tool  # noqa: E402
+from harness import guest, libvirtd, release  # noqa: E402
+from harness.vm import qemu_tool, system_binary  # noqa: E402
 
 #: how long a fencing freeze may take while a dump runs ("a few seconds")
 FENCE_DEADLINE_S = 5.0
@@ -237,6 +243,123 @@ class LibvirtDriver(LibvirtTest):
             self.log.info("virsh snapshot-revert -> %d %s", r.returncode, r.stderr.strip())
             self.assertNotEqual(r.returncode, 0)
             self.assertRegex(" ".join(r.stderr.split()), FROZEN_ERROR)
+
+    # -- item 6 ------------------------------------------------------------
+
+    def test_freeze_fails_when_images_not_released(self) -> None:
+        """A node QEMU cannot release: every freeze fails, naming it; still frozen.
+
+        The second disk is qcow2 over blkdebug (given on QEMU's command line,
+        libvirt has no XML for blkdebug), whose flushes fail once armed, as
+        in harness.release: its inactivation fails.
+        """
+        image = self.work / "disk1.qcow2"
+        r = subprocess.run([str(qemu_tool(self.qemu_prefix, "qemu-img")), "create", "-q",
+                            "-f", "qcow2", str(image), "1M"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with self.guest(start=False) as probe:
+            dom = ET.fromstring(probe.domain.xml())
+            cmdline = dom.find(f"{{{libvirtd.QEMU_XMLNS}}}commandline")
+            assert cmdline is not None
+            args = release.flush_error_disk_args(image)
+            # a slot libvirt does not assign, after the probe's own disk
+            args[-1] += ",bus=pci.0,addr=0x1e"
+            for arg in args:
+                ET.SubElement(cmdline, f"{{{libvirtd.QEMU_XMLNS}}}arg", value=arg)
+            self._start(probe, ET.tostring(dom, encoding="unicode"))
+            probe.wait_record(2, 60)
+            for cmd in ("write -P 0x5a 0 512", "read 0 512"):
+                self.daemon.virsh("qemu-monitor-command", "--hmp", probe.name,
+                                  f'qemu-io -d {release.FAILING_DEVICE_ID}/virtio-backend '
+                                  f'"{cmd}"')
+            for attempt in ("first", "retry"):
+                r = self.daemon.virsh("freeze", probe.name, check=False)
+                err = " ".join(r.stderr.split())
+                self.log.info("virsh freeze (%s) -> %d %s", attempt, r.returncode, err)
+                self.assertNotEqual(r.returncode, 0, f"the {attempt} freeze succeeded")
+                self.assertIn("could not be released", err)
+                self.assertIn(release.FAILING_NODE, err)
+                self.assertEqual(self.domstate(probe.name), "frozen (user)")
+
+    # -- item 7 ------------------------------------------------------------
+
+    def test_unseverable_device_refused(self) -> None:
+        """A freeze action with a device QEMU cannot sever: refused, naming it.
+
+        A vhost-user interface with on_crash=freeze, a PCI host device with
+        a watchdog action freeze.  (Neither can run here, no backend and no
+        device, so virDomainFreeze() on such a domain is not exercised.)
+        """
+        libvirt = self.libvirt()
+        sock = self.daemon.run.sockdir / "nobody.sock"  # never connected to
+        cases = [
+            ({"on_crash": "freeze"}, "52:54:00:fe:00:01",
+             "<interface type='vhostuser'><mac address='52:54:00:fe:00:01'/>"
+             f"<source type='unix' path='{sock}' mode='client'/><model type='virtio'/>"
+             "</interface>"),
+            ({"watchdog_action": "freeze"}, "0000:06:12.5",
+             "<hostdev mode='subsystem' type='pci' managed='no'><source>"
+             "<address domain='0x0000' bus='0x06' slot='0x12' function='0x5'/>"
+             "</source></hostdev>"),
+        ]
+        with self.guest(start=False) as probe:
+            conn = libvirt.open(self.daemon.uri)
+            self.addCleanup(conn.close)
+            for options, named, device in cases:
+                domain = dataclasses.replace(probe.domain, name="vm2", **options)
+                dom = ET.fromstring(domain.xml())
+                dom.insert(3, ET.fromstring("<memoryBacking><source type='memfd'/>"
+                                            "<access mode='shared'/></memoryBacking>"))
+                devices = dom.find("devices")
+                assert devices is not None
+                devices.insert(2, ET.fromstring(device))
+                with self.assertRaises(libvirt.libvirtError, msg=f"{options} accepted") as cm:
+                    conn.defineXML(ET.tostring(dom, encoding="unicode")).undefine()
+                err = cm.exception
+                self.log.info("define %s + %s -> %s (%s)", options, named,
+                              err.get_error_code(), err)
+                self.assertEqual(err.get_error_code(), libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+                                 str(err))
+                self.assertIn(f"'{named}'", str(err))
+
+
+    # -- item 5 ------------------------------------------------------------
+
+    def test_set_lifecycle_action_freeze_live(self) -> None:
+        """set-lifecycle-action crash freeze --live: a panic then freezes."""
+        with self.guest(on_crash="preserve") as probe:
+            probe.wait_record(2, 30)
+            r = self.daemon.virsh("set-lifecycle-action", probe.name, "crash", "freeze",
+                                  "--live", check=False)
+            self.log.info("set-lifecycle-action --live -> %d %s", r.returncode,
+                          r.stderr.strip())
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertIn("<on_crash>freeze</on_crash>",
+                          self.daemon.virsh("dumpxml", probe.name).stdout)
+            probe.command(guest.CMD_PANIC)
+            wait_until("frozen (panicked)",
+                       lambda: self.domstate(probe.name) == "frozen (panicked)", STATE_TIMEOUT)
+
+    def test_set_lifecycle_action_freeze_config_checked(self) -> None:
+        """--config on_crash=freeze is refused for a QEMU without frozen."""
+        stock = os.environ.get("FROZEN_QEMU_STOCK")
+        if not stock or not Path(stock).is_dir():
+            self.cancel("FROZEN_QEMU_STOCK (the unpatched QEMU) is not set")
+        with self.guest(start=False) as probe:
+            domain = dataclasses.replace(probe.domain, name="vm3",
+                                         emulator=system_binary(Path(stock)))
+            xml = self.work / "vm3.xml"
+            xml.write_text(domain.xml())
+            self.daemon.virsh("define", str(xml))
+            self.addCleanup(self.daemon.virsh, "undefine", "vm3", check=False)
+            r = self.daemon.virsh("set-lifecycle-action", "vm3", "crash", "freeze",
+                                  "--config", check=False)
+            self.log.info("set-lifecycle-action --config (stock QEMU) -> %d %s",
+                          r.returncode, r.stderr.strip())
+            self.assertNotEqual(r.returncode, 0, "accepted for a QEMU without frozen")
+            self.assertIn("not supported with this QEMU binary", r.stderr)
+            self.assertNotIn("<on_crash>freeze</on_crash>",
+                             self.daemon.virsh("dumpxml", "--inactive", "vm3").stdout)
 
 
 class LibvirtDriverLeases(LibvirtTest):
