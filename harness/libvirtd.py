@@ -87,6 +87,17 @@ log_filters = "1:qemu 1:conf 3:rpc 3:util 4:object 4:json 4:event"
 log_outputs = "1:file:{log}"
 """
 
+#: With ``lockd``: real leases through a private virtlockd, which locks
+#: byte 0 of each disk image (``fcntl``), held while the domain runs.
+QEMU_LOCKD_CONF = """\
+auto_disk_leases = 1
+require_lease_for_disks = 1
+"""
+
+VIRTLOCKD_CONF = """\
+log_outputs = "3:file:{log}"
+"""
+
 
 class LibvirtdError(Exception):
     """virtqemud did not start, stop or answer as expected; names its log."""
@@ -171,16 +182,25 @@ class RunDir:
     def uri(self) -> str:
         return f"qemu:///system?socket={self.socket}"
 
+    @property
+    def virtlockd_socket(self) -> Path:
+        """Where virtlockd listens (the prefix's compiled-in run dir, bound)."""
+        return self.private("run") / "virtlockd-sock"
+
     def binds(self, prefix: Path) -> list[tuple[Path, Path]]:
         return [(self.private(name), prefix / rel) for name, rel in BINDS.items()]
 
-    def create(self, prefix: Path) -> None:
+    def create(self, prefix: Path, lockd: bool = False) -> None:
         """Make the per-run dirs, the mount points and the configuration."""
         for private, target in self.binds(prefix):
             private.mkdir(parents=True, exist_ok=True)
             target.mkdir(parents=True, exist_ok=True)
         etc = self.private("etc")
-        (etc / "qemu.conf").write_text(QEMU_CONF)
+        (etc / "qemu.conf").write_text(QEMU_CONF + ('lock_manager = "lockd"\n' if lockd else ""))
+        if lockd:
+            (etc / "qemu-lockd.conf").write_text(QEMU_LOCKD_CONF)
+            (etc / "virtlockd.conf").write_text(
+                VIRTLOCKD_CONF.format(log=prefix / BINDS["log"] / "virtlockd.log"))
         # The log path is the one virtqemud sees: inside the bound log dir.
         (etc / "virtqemud.conf").write_text(
             VIRTQEMUD_CONF.format(sockdir=self.sockdir,
@@ -321,6 +341,12 @@ def _supervise(spec_json: str) -> int:
         if r.returncode != 0:
             print(f"error mount {private} on {target}: {r.stderr.strip()}", flush=True)
             return 1
+    # Helpers (virtlockd) run for the supervisor's whole life: restarting
+    # virtqemud leaves them alone; quit ends them with every other child.
+    for argv in spec.get("helpers", []):
+        with Path(spec["output"]).open("ab") as out:
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=subprocess.STDOUT)
     print("ready", flush=True)
     _Supervisor(spec["argv"], Path(spec["output"]), spec["stop_timeout"]).serve()
     return 0
@@ -334,10 +360,13 @@ class Virtqemud:
     """A private virtqemud; a context manager that always ends what it started.
 
     ``uri`` is what virsh, libvirt-python and the resource agent connect to.
+    With ``lockd`` the QEMU driver uses the lockd lock manager and a private
+    virtlockd (started once, kept across ``restart``) holds the leases.
     """
 
     prefix: Path
     workdir: Path
+    lockd: bool = False
     start_timeout: float = START_TIMEOUT
     stop_timeout: float = STOP_TIMEOUT
     #: command prefix that puts the daemon into other namespaces (a cluster
@@ -372,10 +401,15 @@ class Virtqemud:
 
     def _launch_supervisor(self) -> None:
         self.install.check()
-        self.run.create(self.prefix)
+        self.run.create(self.prefix, lockd=self.lockd)
+        helpers = []
+        if self.lockd:
+            helpers.append([str(self.install.path / "sbin" / "virtlockd"),
+                            "--pid-file", str(self.run.root / "virtlockd.pid")])
         spec = {
             "binds": [[str(a), str(b)] for a, b in self.run.binds(self.prefix)],
             "argv": [str(self.install.virtqemud), "--pid-file", str(self.run.pidfile)],
+            "helpers": helpers,
             "output": str(self.run.daemon_output),
             "stop_timeout": self.stop_timeout,
         }
@@ -387,6 +421,13 @@ class Virtqemud:
         self._sup = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, bufsize=1)
         self._expect("ready", self.start_timeout)
+        if self.lockd:
+            deadline = time.monotonic() + self.start_timeout
+            while not self.run.virtlockd_socket.exists():
+                if time.monotonic() > deadline:
+                    raise LibvirtdError(f"virtlockd socket {self.run.virtlockd_socket} not "
+                                        f"ready; {self._log_hint()}")
+                time.sleep(0.05)  # poll interval of the readiness check
 
     def _ask(self, command: str, timeout: float) -> str:
         if self._sup is None or self._sup.stdin is None:
