@@ -200,11 +200,12 @@ class RunDir:
         if lockd:
             (etc / "qemu-lockd.conf").write_text(QEMU_LOCKD_CONF)
             (etc / "virtlockd.conf").write_text(
-                VIRTLOCKD_CONF.format(log=prefix / BINDS["log"] / "virtlockd.log"))
+                VIRTLOCKD_CONF.format(log=prefix / BINDS["log"] / "virtlockd.log")
+            )
         # The log path is the one virtqemud sees: inside the bound log dir.
         (etc / "virtqemud.conf").write_text(
-            VIRTQEMUD_CONF.format(sockdir=self.sockdir,
-                                  log=prefix / BINDS["log"] / "virtqemud.log"))
+            VIRTQEMUD_CONF.format(sockdir=self.sockdir, log=prefix / BINDS["log"] / "virtqemud.log")
+        )
 
 
 # -- the supervisor (runs as its own process) --------------------------------
@@ -290,8 +291,9 @@ class _Supervisor:
         if self.daemon is not None and self.daemon not in self.exited:
             return f"error virtqemud already runs as {self.daemon}"
         with self.output.open("ab") as out:
-            proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
         self.daemon = proc.pid
         return f"started {proc.pid}"
 
@@ -345,8 +347,7 @@ def _supervise(spec_json: str) -> int:
     # virtqemud leaves them alone; quit ends them with every other child.
     for argv in spec.get("helpers", []):
         with Path(spec["output"]).open("ab") as out:
-            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                             stderr=subprocess.STDOUT)
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     print("ready", flush=True)
     _Supervisor(spec["argv"], Path(spec["output"]), spec["stop_timeout"]).serve()
     return 0
@@ -404,8 +405,13 @@ class Virtqemud:
         self.run.create(self.prefix, lockd=self.lockd)
         helpers = []
         if self.lockd:
-            helpers.append([str(self.install.path / "sbin" / "virtlockd"),
-                            "--pid-file", str(self.run.root / "virtlockd.pid")])
+            helpers.append(
+                [
+                    str(self.install.path / "sbin" / "virtlockd"),
+                    "--pid-file",
+                    str(self.run.root / "virtlockd.pid"),
+                ]
+            )
         spec = {
             "binds": [[str(a), str(b)] for a, b in self.run.binds(self.prefix)],
             "argv": [str(self.install.virtqemud), "--pid-file", str(self.run.pidfile)],
@@ -413,20 +419,34 @@ class Virtqemud:
             "output": str(self.run.daemon_output),
             "stop_timeout": self.stop_timeout,
         }
-        cmd = [*self.enter, "unshare", "--mount", "--propagation", self.propagation,
-               sys.executable, "-m", "harness.libvirtd", "--supervise", json.dumps(spec)]
+        cmd = [
+            *self.enter,
+            "unshare",
+            "--mount",
+            "--propagation",
+            self.propagation,
+            sys.executable,
+            "-m",
+            "harness.libvirtd",
+            "--supervise",
+            json.dumps(spec),
+        ]
         env = self.install.env()
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(config.repo_root()), *filter(None, [env.get("PYTHONPATH")])])
-        self._sup = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, bufsize=1)
+            [str(config.repo_root()), *filter(None, [env.get("PYTHONPATH")])]
+        )
+        self._sup = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=1
+        )
         self._expect("ready", self.start_timeout)
         if self.lockd:
             deadline = time.monotonic() + self.start_timeout
             while not self.run.virtlockd_socket.exists():
                 if time.monotonic() > deadline:
-                    raise LibvirtdError(f"virtlockd socket {self.run.virtlockd_socket} not "
-                                        f"ready; {self._log_hint()}")
+                    raise LibvirtdError(
+                        f"virtlockd socket {self.run.virtlockd_socket} not "
+                        f"ready; {self._log_hint()}"
+                    )
                 time.sleep(0.05)  # poll interval of the readiness check
 
     def _ask(self, command: str, timeout: float) -> str:
@@ -441,8 +461,10 @@ class Virtqemud:
         ready, _, _ = select.select([self._sup.stdout], [], [], timeout)
         line = self._sup.stdout.readline().strip() if ready else ""
         if not line:
-            raise LibvirtdError(f"no answer from the virtqemud supervisor in {timeout:.0f} s "
-                                f"(exit status {self._sup.poll()}); {self._log_hint()}")
+            raise LibvirtdError(
+                f"no answer from the virtqemud supervisor in {timeout:.0f} s "
+                f"(exit status {self._sup.poll()}); {self._log_hint()}"
+            )
         if line.startswith("error"):
             raise LibvirtdError(f"virtqemud supervisor: {line}; {self._log_hint()}")
         return line
@@ -472,13 +494,17 @@ class Virtqemud:
             if self.daemon_pid is None or not Path(f"/proc/{self.daemon_pid}").exists():
                 raise LibvirtdError(f"virtqemud exited during start; {self._log_hint()}")
             if self.run.socket.exists():
-                with contextlib.suppress(OSError), \
-                        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                with (
+                    contextlib.suppress(OSError),
+                    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
+                ):
                     s.connect(str(self.run.socket))
                     return
             if time.monotonic() > deadline:
-                raise LibvirtdError(f"virtqemud socket {self.run.socket} not ready after "
-                                    f"{self.start_timeout:.0f} s; {self._log_hint()}")
+                raise LibvirtdError(
+                    f"virtqemud socket {self.run.socket} not ready after "
+                    f"{self.start_timeout:.0f} s; {self._log_hint()}"
+                )
             time.sleep(0.05)  # poll interval of the readiness check
 
     def stop(self) -> str:
@@ -523,15 +549,18 @@ class Virtqemud:
 
     # clients
 
-    def virsh(self, *args: str, check: bool = True,
-              timeout: float = VIRSH_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    def virsh(
+        self, *args: str, check: bool = True, timeout: float = VIRSH_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
         """Run the prefix's virsh against this daemon."""
         cmd = [str(self.install.virsh), "--connect", self.uri, *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=self.install.env())
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=self.install.env()
+        )
         if check and proc.returncode != 0:
-            raise LibvirtdError(f"virsh {' '.join(args)} failed ({proc.returncode}): "
-                                f"{proc.stderr.strip()}")
+            raise LibvirtdError(
+                f"virsh {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}"
+            )
         return proc
 
     def check_domain_name(self, name: str) -> None:
@@ -541,12 +570,13 @@ class Virtqemud:
         ``var/lib/libvirt/qemu/domain-<id>-<name>/monitor.sock``, and a unix
         socket path has at most 107 bytes: long prefixes need short names.
         """
-        path = (self.prefix / BINDS["lib"] / "qemu" / f"domain-99-{name[:20]}" / "monitor.sock")
+        path = self.prefix / BINDS["lib"] / "qemu" / f"domain-99-{name[:20]}" / "monitor.sock"
         if len(str(path)) > MAX_SOCKET_PATH:
             raise LibvirtdError(
                 f"domain {name!r}: libvirt's monitor socket path would be {len(str(path))} "
                 f"bytes (max {MAX_SOCKET_PATH}) under {self.prefix}; use a shorter domain name "
-                "or install prefix")
+                "or install prefix"
+            )
 
     def domain_log(self, name: str) -> Path:
         """QEMU's own log for a domain (command line, stderr)."""
@@ -711,8 +741,10 @@ class ProbeGuest:
                 return last
             if time.monotonic() > deadline:
                 tail = self.console_bytes()[-600:].decode(errors="replace")
-                raise LibvirtdError(f"{self.name}: no record {n} within {timeout:.0f} s "
-                                    f"(last {last}); console tail:\n{tail}")
+                raise LibvirtdError(
+                    f"{self.name}: no record {n} within {timeout:.0f} s "
+                    f"(last {last}); console tail:\n{tail}"
+                )
             time.sleep(0.05)  # poll interval on the console log
 
     def command(self, byte: bytes) -> None:
@@ -742,21 +774,38 @@ def probe_guest(
     workdir.mkdir(parents=True, exist_ok=True)
     images = guest.build_probe_images(config.cache_root() / "probe")
     disk = workdir / "disk.raw"
-    r = subprocess.run([str(qemu_tool(qemu_prefix, "qemu-img")), "create", "-q", "-f", "raw",
-                        str(disk), str(DISK_SIZE)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            str(qemu_tool(qemu_prefix, "qemu-img")),
+            "create",
+            "-q",
+            "-f",
+            "raw",
+            str(disk),
+            str(DISK_SIZE),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise LibvirtdError(f"qemu-img create {disk}: {r.stderr.strip()}")
     marker = secrets.token_hex(8)
     with netns.UdpListener("127.0.0.1") as listener:
-        cfg = guest.ProbeConfig(marker=marker, dst_ip=netns.USER_NET_HOST_IP,
-                                dst_port=listener.port, watchdog="ib700")
+        cfg = guest.ProbeConfig(
+            marker=marker, dst_ip=netns.USER_NET_HOST_IP, dst_port=listener.port, watchdog="ib700"
+        )
         boot = domain_options.pop("boot", "bios")
         domain = ProbeDomain(
-            name=name, emulator=system_binary(qemu_prefix),
-            image=images.bios if boot == "bios" else images.elf, boot=boot,
-            cmdline=cfg.cmdline(), disk=disk, console=daemon.run.sockdir / f"{name}.console",
-            console_log=workdir / "console.log", **domain_options,
-        )  # fmt: skip
+            name=name,
+            emulator=system_binary(qemu_prefix),
+            image=images.bios if boot == "bios" else images.elf,
+            boot=boot,
+            cmdline=cfg.cmdline(),
+            disk=disk,
+            console=daemon.run.sockdir / f"{name}.console",
+            console_log=workdir / "console.log",
+            **domain_options,
+        )
         xml_path = workdir / f"{name}.xml"
         xml_path.write_text(domain.xml())
         probe = ProbeGuest(domain, marker, listener, xml_path)
@@ -788,8 +837,7 @@ def prefix_stamp(prefix: Path) -> str:
     return f"{lib}:{st.st_mtime_ns}:{st.st_size}" if st else str(prefix)
 
 
-def build_libvirt_python(prefix: Path, target: Path,
-                         version: str = LIBVIRT_PYTHON_VERSION) -> Path:
+def build_libvirt_python(prefix: Path, target: Path, version: str = LIBVIRT_PYTHON_VERSION) -> Path:
     """Build libvirt-python from its PyPI sdist against ``prefix`` into ``target``.
 
     The extension gets an rpath to ``<prefix>/lib``.  Cached: a target whose
@@ -810,23 +858,40 @@ def _build_libvirt_python(prefix: Path, target: Path, version: str) -> Path:
         if json.loads(stamp_file.read_text()) == want:
             return target
     if not (api_xml_dir(prefix) / "libvirt-api.xml").exists():
-        raise LibvirtdError(f"{prefix} has no libvirt-api.xml, which libvirt-python is "
-                            "generated from: build libvirt with `frozen build`, which installs it")
+        raise LibvirtdError(
+            f"{prefix} has no libvirt-api.xml, which libvirt-python is "
+            "generated from: build libvirt with `frozen build`, which installs it"
+        )
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
     install = Prefix(prefix)
     env = install.env()
     env["PKG_CONFIG_PATH"] = os.pathsep.join(
-        [str(install.libdir / "pkgconfig"), *filter(None, [env.get("PKG_CONFIG_PATH")])])
+        [str(install.libdir / "pkgconfig"), *filter(None, [env.get("PKG_CONFIG_PATH")])]
+    )
     env["LDFLAGS"] = f"-Wl,-rpath,{install.libdir} " + env.get("LDFLAGS", "")
     log = target.parent / f"{target.name}-build.log"
     # No pip cache: a wheel cached from another prefix would link the wrong library.
     with log.open("w") as out:
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir",
-                            "--no-binary", "libvirt-python", "--target", str(target),
-                            f"libvirt-python=={version}"],
-                           stdout=out, stderr=subprocess.STDOUT, env=env)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--no-deps",
+                "--no-cache-dir",
+                "--no-binary",
+                "libvirt-python",
+                "--target",
+                str(target),
+                f"libvirt-python=={version}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     if r.returncode != 0:
         raise LibvirtdError(f"building libvirt-python {version} failed; see {log}")
     stamp_file.write_text(json.dumps(want))

@@ -104,19 +104,27 @@ class LibvirtDriver(LibvirtTest):
         """qemu-storage-daemon exporting ``image`` over NBD, every write EIO."""
         sock = self.daemon.run.sockdir / "nbd.sock"
         node = {
-            "driver": "blkdebug", "node-name": "dbg",
+            "driver": "blkdebug",
+            "node-name": "dbg",
             "image": {"driver": "file", "filename": str(image)},
-            "inject-error": [{"event": "pwritev", "errno": 5, "once": False,
-                              "iotype": "write"}],
-        }  # fmt: skip
+            "inject-error": [{"event": "pwritev", "errno": 5, "once": False, "iotype": "write"}],
+        }
         log = (Path(self.logdir) / "qsd.log").open("w")
         self.addCleanup(log.close)
         proc = subprocess.Popen(
-            [str(qemu_tool(self.qemu_prefix, "qemu-storage-daemon")),
-             "--blockdev", json.dumps(node),
-             "--nbd-server", f"addr.type=unix,addr.path={sock}",
-             "--export", "type=nbd,id=exp0,node-name=dbg,name=disk,writable=on"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            [
+                str(qemu_tool(self.qemu_prefix, "qemu-storage-daemon")),
+                "--blockdev",
+                json.dumps(node),
+                "--nbd-server",
+                f"addr.type=unix,addr.path={sock}",
+                "--export",
+                "type=nbd,id=exp0,node-name=dbg,name=disk,writable=on",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.addCleanup(_end, proc)
         wait_until("the NBD socket", sock.exists, 30)
         return sock
@@ -137,33 +145,37 @@ class LibvirtDriver(LibvirtTest):
                 "<disk type='network' device='disk'>"
                 "<driver name='qemu' type='raw' error_policy='stop' rerror_policy='freeze'/>"
                 f"<source protocol='nbd' name='disk'><host transport='unix' socket='{sock}'/>"
-                "</source><target dev='vda' bus='virtio'/></disk>")
+                "</source><target dev='vda' bus='virtio'/></disk>"
+            )
             devices.insert(1, disk)
             # listening before the domain starts: its first write fails
             conn = libvirt.open(self.daemon.uri)
             self.addCleanup(conn.close)
             events = PyEvents()
-            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                        events.callback, None)
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, events.callback, None
+            )
             self._start(probe, ET.tostring(dom_xml, encoding="unicode"))
             dom = conn.lookupByName(probe.name)
             paused_ioerror = [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR]
             try:
-                wait_until("paused (ioerror)", lambda: dom.state() == paused_ioerror,
-                           STATE_TIMEOUT)
+                wait_until("paused (ioerror)", lambda: dom.state() == paused_ioerror, STATE_TIMEOUT)
             finally:
                 self.log.info("domstate: %s", self.domstate(probe.name))
             self.assertEqual(self.domstate(probe.name), "paused (I/O error)")
-            suspended = (libvirt.VIR_DOMAIN_EVENT_SUSPENDED,
-                         libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR)
+            suspended = (
+                libvirt.VIR_DOMAIN_EVENT_SUSPENDED,
+                libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR,
+            )
             wait_until("the SUSPENDED event", lambda: suspended in events.since(0), 10)
             # resuming is possible (not "already running"); the next write
             # fails again and pauses the domain again
             r = self.daemon.virsh("resume", probe.name, check=False)
             self.log.info("virsh resume -> %d %s", r.returncode, r.stderr.strip())
             self.assertEqual(r.returncode, 0, r.stderr)
-            wait_until("paused (ioerror) again", lambda: dom.state() == paused_ioerror,
-                       STATE_TIMEOUT)
+            wait_until(
+                "paused (ioerror) again", lambda: dom.state() == paused_ioerror, STATE_TIMEOUT
+            )
 
     # -- item 4 ------------------------------------------------------------
 
@@ -177,18 +189,35 @@ class LibvirtDriver(LibvirtTest):
             rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
             self.addCleanup(os.close, rfd)
             dump = subprocess.Popen(
-                [str(self.daemon.install.virsh), "--connect", self.daemon.uri, "dump",
-                 "--memory-only", probe.name, str(fifo)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                env=self.daemon.install.env())
+                [
+                    str(self.daemon.install.virsh),
+                    "--connect",
+                    self.daemon.uri,
+                    "dump",
+                    "--memory-only",
+                    probe.name,
+                    str(fifo),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=self.daemon.install.env(),
+            )
             self.addCleanup(_end, dump)
-            wait_until("the dump job", lambda: self.domstate(probe.name) == "paused (dumping)",
-                       STATE_TIMEOUT)
+            wait_until(
+                "the dump job",
+                lambda: self.domstate(probe.name) == "paused (dumping)",
+                STATE_TIMEOUT,
+            )
             t0 = time.monotonic()
             r = self.daemon.virsh("freeze", probe.name, check=False, timeout=60)
             took = time.monotonic() - t0
-            self.log.info("virsh freeze during dump -> %d in %.1f s: %s", r.returncode, took,
-                          " ".join(r.stderr.split()))
+            self.log.info(
+                "virsh freeze during dump -> %d in %.1f s: %s",
+                r.returncode,
+                took,
+                " ".join(r.stderr.split()),
+            )
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertLess(took, FENCE_DEADLINE_S)
             self.assertEqual(self.domstate(probe.name), "frozen (user)")
@@ -221,19 +250,25 @@ class LibvirtDriver(LibvirtTest):
             self.addCleanup(conn.close)
             dom = conn.lookupByName(probe.name)
             # metadata of a running snapshot (redefining writes nothing)
-            snap_xml = (f"<domainsnapshot><name>s1</name><state>running</state>"
-                        f"<creationTime>{int(time.time())}</creationTime>"
-                        f"<memory snapshot='internal'/>"
-                        f"<disks><disk name='vda' snapshot='internal'/></disks>"
-                        f"{dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)}</domainsnapshot>")
+            snap_xml = (
+                f"<domainsnapshot><name>s1</name><state>running</state>"
+                f"<creationTime>{int(time.time())}</creationTime>"
+                f"<memory snapshot='internal'/>"
+                f"<disks><disk name='vda' snapshot='internal'/></disks>"
+                f"{dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)}</domainsnapshot>"
+            )
             snap = dom.snapshotCreateXML(snap_xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
             self.daemon.virsh("freeze", probe.name)
             pid = self._qemu_pid(probe.name)
             with self.assertRaises(libvirt.libvirtError) as cm:
                 dom.revertToSnapshot(snap, 0)
             err = cm.exception
-            self.log.info("revert -> %s (%s); domstate %s", err.get_error_code(), err,
-                          self.domstate(probe.name))
+            self.log.info(
+                "revert -> %s (%s); domstate %s",
+                err.get_error_code(),
+                err,
+                self.domstate(probe.name),
+            )
             self.assertEqual(err.get_error_code(), libvirt.VIR_ERR_OPERATION_INVALID, str(err))
             self.assertRegex(str(err), FROZEN_ERROR)
             self.assertEqual(self.domstate(probe.name), "frozen (user)")
@@ -254,8 +289,19 @@ class LibvirtDriver(LibvirtTest):
         in harness.release: its inactivation fails.
         """
         image = self.work / "disk1.qcow2"
-        r = subprocess.run([str(qemu_tool(self.qemu_prefix, "qemu-img")), "create", "-q",
-                            "-f", "qcow2", str(image), "1M"], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                str(qemu_tool(self.qemu_prefix, "qemu-img")),
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                str(image),
+                "1M",
+            ],
+            capture_output=True,
+            text=True,
+        )
         self.assertEqual(r.returncode, 0, r.stderr)
         with self.guest(start=False) as probe:
             dom = ET.fromstring(probe.domain.xml())
@@ -269,9 +315,12 @@ class LibvirtDriver(LibvirtTest):
             self._start(probe, ET.tostring(dom, encoding="unicode"))
             probe.wait_record(2, 60)
             for cmd in ("write -P 0x5a 0 512", "read 0 512"):
-                self.daemon.virsh("qemu-monitor-command", "--hmp", probe.name,
-                                  f'qemu-io -d {release.FAILING_DEVICE_ID}/virtio-backend '
-                                  f'"{cmd}"')
+                self.daemon.virsh(
+                    "qemu-monitor-command",
+                    "--hmp",
+                    probe.name,
+                    f'qemu-io -d {release.FAILING_DEVICE_ID}/virtio-backend "{cmd}"',
+                )
             for attempt in ("first", "retry"):
                 r = self.daemon.virsh("freeze", probe.name, check=False)
                 err = " ".join(r.stderr.split())
@@ -293,14 +342,20 @@ class LibvirtDriver(LibvirtTest):
         libvirt = self.libvirt()
         sock = self.daemon.run.sockdir / "nobody.sock"  # never connected to
         cases = [
-            ({"on_crash": "freeze"}, "52:54:00:fe:00:01",
-             "<interface type='vhostuser'><mac address='52:54:00:fe:00:01'/>"
-             f"<source type='unix' path='{sock}' mode='client'/><model type='virtio'/>"
-             "</interface>"),
-            ({"watchdog_action": "freeze"}, "0000:06:12.5",
-             "<hostdev mode='subsystem' type='pci' managed='no'><source>"
-             "<address domain='0x0000' bus='0x06' slot='0x12' function='0x5'/>"
-             "</source></hostdev>"),
+            (
+                {"on_crash": "freeze"},
+                "52:54:00:fe:00:01",
+                "<interface type='vhostuser'><mac address='52:54:00:fe:00:01'/>"
+                f"<source type='unix' path='{sock}' mode='client'/><model type='virtio'/>"
+                "</interface>",
+            ),
+            (
+                {"watchdog_action": "freeze"},
+                "0000:06:12.5",
+                "<hostdev mode='subsystem' type='pci' managed='no'><source>"
+                "<address domain='0x0000' bus='0x06' slot='0x12' function='0x5'/>"
+                "</source></hostdev>",
+            ),
         ]
         with self.guest(start=False) as probe:
             conn = libvirt.open(self.daemon.uri)
@@ -308,20 +363,26 @@ class LibvirtDriver(LibvirtTest):
             for options, named, device in cases:
                 domain = dataclasses.replace(probe.domain, name="vm2", **options)
                 dom = ET.fromstring(domain.xml())
-                dom.insert(3, ET.fromstring("<memoryBacking><source type='memfd'/>"
-                                            "<access mode='shared'/></memoryBacking>"))
+                dom.insert(
+                    3,
+                    ET.fromstring(
+                        "<memoryBacking><source type='memfd'/>"
+                        "<access mode='shared'/></memoryBacking>"
+                    ),
+                )
                 devices = dom.find("devices")
                 assert devices is not None
                 devices.insert(2, ET.fromstring(device))
                 with self.assertRaises(libvirt.libvirtError, msg=f"{options} accepted") as cm:
                     conn.defineXML(ET.tostring(dom, encoding="unicode")).undefine()
                 err = cm.exception
-                self.log.info("define %s + %s -> %s (%s)", options, named,
-                              err.get_error_code(), err)
-                self.assertEqual(err.get_error_code(), libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
-                                 str(err))
+                self.log.info(
+                    "define %s + %s -> %s (%s)", options, named, err.get_error_code(), err
+                )
+                self.assertEqual(
+                    err.get_error_code(), libvirt.VIR_ERR_OPERATION_UNSUPPORTED, str(err)
+                )
                 self.assertIn(f"'{named}'", str(err))
-
 
     # -- item 5 ------------------------------------------------------------
 
@@ -329,16 +390,20 @@ class LibvirtDriver(LibvirtTest):
         """set-lifecycle-action crash freeze --live: a panic then freezes."""
         with self.guest(on_crash="preserve") as probe:
             probe.wait_record(2, 30)
-            r = self.daemon.virsh("set-lifecycle-action", probe.name, "crash", "freeze",
-                                  "--live", check=False)
-            self.log.info("set-lifecycle-action --live -> %d %s", r.returncode,
-                          r.stderr.strip())
+            r = self.daemon.virsh(
+                "set-lifecycle-action", probe.name, "crash", "freeze", "--live", check=False
+            )
+            self.log.info("set-lifecycle-action --live -> %d %s", r.returncode, r.stderr.strip())
             self.assertEqual(r.returncode, 0, r.stderr)
-            self.assertIn("<on_crash>freeze</on_crash>",
-                          self.daemon.virsh("dumpxml", probe.name).stdout)
+            self.assertIn(
+                "<on_crash>freeze</on_crash>", self.daemon.virsh("dumpxml", probe.name).stdout
+            )
             probe.command(guest.CMD_PANIC)
-            wait_until("frozen (panicked)",
-                       lambda: self.domstate(probe.name) == "frozen (panicked)", STATE_TIMEOUT)
+            wait_until(
+                "frozen (panicked)",
+                lambda: self.domstate(probe.name) == "frozen (panicked)",
+                STATE_TIMEOUT,
+            )
 
     def test_set_lifecycle_action_freeze_config_checked(self) -> None:
         """--config on_crash=freeze is refused for a QEMU without frozen."""
@@ -346,20 +411,27 @@ class LibvirtDriver(LibvirtTest):
         if not stock or not Path(stock).is_dir():
             self.cancel("FROZEN_QEMU_STOCK (the unpatched QEMU) is not set")
         with self.guest(start=False) as probe:
-            domain = dataclasses.replace(probe.domain, name="vm3",
-                                         emulator=system_binary(Path(stock)))
+            domain = dataclasses.replace(
+                probe.domain, name="vm3", emulator=system_binary(Path(stock))
+            )
             xml = self.work / "vm3.xml"
             xml.write_text(domain.xml())
             self.daemon.virsh("define", str(xml))
             self.addCleanup(self.daemon.virsh, "undefine", "vm3", check=False)
-            r = self.daemon.virsh("set-lifecycle-action", "vm3", "crash", "freeze",
-                                  "--config", check=False)
-            self.log.info("set-lifecycle-action --config (stock QEMU) -> %d %s",
-                          r.returncode, r.stderr.strip())
+            r = self.daemon.virsh(
+                "set-lifecycle-action", "vm3", "crash", "freeze", "--config", check=False
+            )
+            self.log.info(
+                "set-lifecycle-action --config (stock QEMU) -> %d %s",
+                r.returncode,
+                r.stderr.strip(),
+            )
             self.assertNotEqual(r.returncode, 0, "accepted for a QEMU without frozen")
             self.assertIn("not supported with this QEMU binary", r.stderr)
-            self.assertNotIn("<on_crash>freeze</on_crash>",
-                             self.daemon.virsh("dumpxml", "--inactive", "vm3").stdout)
+            self.assertNotIn(
+                "<on_crash>freeze</on_crash>",
+                self.daemon.virsh("dumpxml", "--inactive", "vm3").stdout,
+            )
 
 
 class LibvirtDriverLeases(LibvirtTest):
@@ -396,8 +468,7 @@ class LibvirtDriverLeases(LibvirtTest):
                     raise AssertionError("the guest kept running after its panic")
                 time.sleep(0.1)  # poll interval on the console log
             self.log.info("frozen after record %d, virtqemud down", last)
-            self.assertTrue(lease_held(probe.domain.disk),
-                            "virtlockd dropped the lease by itself")
+            self.assertTrue(lease_held(probe.domain.disk), "virtlockd dropped the lease by itself")
             self.daemon.start()
             state = self.domstate(probe.name)
             held = lease_held(probe.domain.disk)

@@ -97,9 +97,20 @@ class EventLog:
         self.path = path
         self.out = path.open("w")
         self.proc = subprocess.Popen(
-            [str(daemon.install.virsh), "--connect", daemon.uri, "event", "--loop",
-             "--event", "lifecycle"],
-            stdout=self.out, stderr=subprocess.STDOUT, env=daemon.install.env(), text=True)
+            [
+                str(daemon.install.virsh),
+                "--connect",
+                daemon.uri,
+                "event",
+                "--loop",
+                "--event",
+                "lifecycle",
+            ],
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            env=daemon.install.env(),
+            text=True,
+        )
 
     def lines(self) -> list[str]:
         return [ln for ln in self.path.read_text().splitlines() if "lifecycle" in ln]
@@ -177,24 +188,28 @@ class LibvirtTest(Test):
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             self.cancel("/dev/kvm is missing or not accessible: these tests need KVM")
         self.work = Path(self.workdir)
-        self.daemon = libvirtd.Virtqemud(self.libvirt_prefix, self.work / "virtqemud",
-                                         lockd=self.lockd)
+        self.daemon = libvirtd.Virtqemud(
+            self.libvirt_prefix, self.work / "virtqemud", lockd=self.lockd
+        )
         self.daemon.__enter__()
         self.addCleanup(self.daemon.copy_logs, Path(self.logdir))
         self.addCleanup(self.daemon.close)
 
     def libvirt(self) -> Any:
         site = libvirtd.build_libvirt_python(
-            self.libvirt_prefix, config.cache_root() / "libvirt-python" / self.libvirt_prefix.name)
+            self.libvirt_prefix, config.cache_root() / "libvirt-python" / self.libvirt_prefix.name
+        )
         sys.path.insert(0, str(site))
         import libvirt  # type: ignore[import-not-found]
 
         return libvirt
 
-    def guest(self, name: str = "vm",
-              **options: Any) -> contextlib.AbstractContextManager[libvirtd.ProbeGuest]:
-        return libvirtd.probe_guest(self.daemon, self.qemu_prefix, self.work / name, name=name,
-                                    **options)
+    def guest(
+        self, name: str = "vm", **options: Any
+    ) -> contextlib.AbstractContextManager[libvirtd.ProbeGuest]:
+        return libvirtd.probe_guest(
+            self.daemon, self.qemu_prefix, self.work / name, name=name, **options
+        )
 
     def domstate(self, name: str) -> str:
         return self.daemon.virsh("domstate", "--reason", name).stdout.strip()
@@ -230,26 +245,32 @@ class LibvirtFrozen(LibvirtTest):
             conn = libvirt.open(self.daemon.uri)
             dom = conn.lookupByName(probe.name)
             py_events = PyEvents()
-            conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                        py_events.callback, None)
+            conn.domainEventRegisterAny(
+                dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, py_events.callback, None
+            )
             virsh_events = self.events_file(trigger)
             probe.wait_record(3, 30)
             before_events = len(virsh_events.for_domain(probe.name))
             t_trigger = time.monotonic()
             self._trigger(trigger, probe, dom)
-            wait_until("the frozen state",
-                       lambda: dom.state()[0] == libvirt.VIR_DOMAIN_FROZEN, FREEZE_TIMEOUT)
+            wait_until(
+                "the frozen state",
+                lambda: dom.state()[0] == libvirt.VIR_DOMAIN_FROZEN,
+                FREEZE_TIMEOUT,
+            )
             wall_frozen = time.time()
             disk_at_freeze = probe.domain.disk.read_bytes()
             last = probe.last_record()
             self.log.info("%s: frozen after record %d", trigger, last)
 
             # state and reason, both ways
-            self.assertEqual(dom.state(), [libvirt.VIR_DOMAIN_FROZEN,
-                                           getattr(libvirt, reason_const)])
+            self.assertEqual(
+                dom.state(), [libvirt.VIR_DOMAIN_FROZEN, getattr(libvirt, reason_const)]
+            )
             self.assertEqual(self.domstate(probe.name), f"frozen ({reason_word})")
-            self.assertIn(probe.name, self.daemon.virsh("list", "--state-frozen",
-                                                        "--name").stdout.split())
+            self.assertIn(
+                probe.name, self.daemon.virsh("list", "--state-frozen", "--name").stdout.split()
+            )
 
             # refusals, both ways, while the soak runs
             self._refusals_virsh(probe)
@@ -268,8 +289,9 @@ class LibvirtFrozen(LibvirtTest):
 
             # nothing leaves: soak, then compare disk bytes and datagrams
             wait_until("the soak", lambda: time.time() - wall_frozen >= SOAK_S, SOAK_S + 5)
-            self.assertEqual(probe.domain.disk.read_bytes(), disk_at_freeze,
-                             "the disk changed after the freeze")
+            self.assertEqual(
+                probe.domain.disk.read_bytes(), disk_at_freeze, "the disk changed after the freeze"
+            )
             late = probe.listener.after_wall(wall_frozen)
             self.assertEqual(late, [], f"{len(late)} datagram(s) after the freeze")
             self.assertEqual(probe.last_record(), last, "the guest printed records while frozen")
@@ -280,13 +302,17 @@ class LibvirtFrozen(LibvirtTest):
             # (the soak above left time for any later one)
             got = py_events.since(t_trigger)
             frozen = [e for e in got if e[0] == libvirt.VIR_DOMAIN_EVENT_FROZEN]
-            self.assertEqual(frozen, [(libvirt.VIR_DOMAIN_EVENT_FROZEN,
-                                       getattr(libvirt, reason_const))],
-                             f"libvirt-python lifecycle events: {got}")
+            self.assertEqual(
+                frozen,
+                [(libvirt.VIR_DOMAIN_EVENT_FROZEN, getattr(libvirt, reason_const))],
+                f"libvirt-python lifecycle events: {got}",
+            )
             self.assertEqual(got[-1][0], libvirt.VIR_DOMAIN_EVENT_FROZEN, got)
-            self.assertLessEqual({e for e, _ in got[:-1]},
-                                 {libvirt.VIR_DOMAIN_EVENT_SUSPENDED,
-                                  libvirt.VIR_DOMAIN_EVENT_CRASHED}, got)
+            self.assertLessEqual(
+                {e for e, _ in got[:-1]},
+                {libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_CRASHED},
+                got,
+            )
             new_lines = virsh_events.for_domain(probe.name)[before_events:]
             self.assertEqual(len(new_lines), len(got), f"virsh event lines: {new_lines}")
             self.assertIn("frozen", new_lines[-1].lower())
@@ -298,8 +324,9 @@ class LibvirtFrozen(LibvirtTest):
             self.assertEqual(self.domstate(probe.name), f"frozen ({reason_word})")
             conn = libvirt.open(self.daemon.uri)
             dom = conn.lookupByName(probe.name)
-            self.assertEqual(dom.state(), [libvirt.VIR_DOMAIN_FROZEN,
-                                           getattr(libvirt, reason_const)])
+            self.assertEqual(
+                dom.state(), [libvirt.VIR_DOMAIN_FROZEN, getattr(libvirt, reason_const)]
+            )
             self._refusals_virsh(probe)
 
             # destroy works and removes the transient domain
@@ -319,11 +346,14 @@ class LibvirtFrozen(LibvirtTest):
             probe.command(guest.CMD_WATCHDOG)
 
     def _refusals_virsh(self, probe: libvirtd.ProbeGuest) -> None:
-        for args in (["resume", probe.name], ["suspend", probe.name],
-                     ["save", probe.name, str(self.work / "save.img")],
-                     ["snapshot-create-as", probe.name, "snap"],
-                     ["migrate", "--p2p", "--live", probe.name, NOWHERE],
-                     ["reset", probe.name]):
+        for args in (
+            ["resume", probe.name],
+            ["suspend", probe.name],
+            ["save", probe.name, str(self.work / "save.img")],
+            ["snapshot-create-as", probe.name, "snap"],
+            ["migrate", "--p2p", "--live", probe.name, NOWHERE],
+            ["reset", probe.name],
+        ):
             r = self.daemon.virsh(*args, check=False)
             err = " ".join(r.stderr.split())
             self.log.info("virsh %s -> %d %s", args[0], r.returncode, err)
@@ -342,7 +372,8 @@ class LibvirtFrozen(LibvirtTest):
             "snapshot": lambda: dom.snapshotCreateXML("<domainsnapshot/>"),
             "managed save": dom.managedSave,
             "migrate": lambda: dom.migrateToURI3(
-                NOWHERE, {}, libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_LIVE),
+                NOWHERE, {}, libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_LIVE
+            ),
             # anything that would run the guest again, or touch its disks
             "reset": dom.reset,
             "reboot": lambda: dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN),
@@ -350,13 +381,14 @@ class LibvirtFrozen(LibvirtTest):
             "pm wakeup": dom.pMWakeup,
             "inject nmi": dom.injectNMI,
             "hotplug": lambda: dom.attachDeviceFlags(
-                HOTPLUG_XML.format(path=self.work / "hotplug.img"),
-                libvirt.VIR_DOMAIN_AFFECT_LIVE),
+                HOTPLUG_XML.format(path=self.work / "hotplug.img"), libvirt.VIR_DOMAIN_AFFECT_LIVE
+            ),
             "block pull": lambda: dom.blockPull("vda"),
             "block commit": lambda: dom.blockCommit("vda", None, None),
             "block resize": lambda: dom.blockResize("vda", 1 << 20),
-            "link up": lambda: dom.updateDeviceFlags(_link_up(dom.XMLDesc()),
-                                                     libvirt.VIR_DOMAIN_AFFECT_LIVE),
+            "link up": lambda: dom.updateDeviceFlags(
+                _link_up(dom.XMLDesc()), libvirt.VIR_DOMAIN_AFFECT_LIVE
+            ),
         }
         for what, call in attempts.items():
             with self.assertRaises(libvirt.libvirtError, msg=f"{what} was not refused") as cm:
@@ -399,8 +431,9 @@ class LibvirtBaseline(LibvirtTest):
             self.daemon.virsh("resume", probe.name)
             self.assertEqual(self.domstate(probe.name), "running (unpaused)")
             probe.wait_record(paused_at + 3, 30)
-            self.assertNotEqual(probe.domain.disk.read_bytes(), disk,
-                                "the resumed domain did not write")
+            self.assertNotEqual(
+                probe.domain.disk.read_bytes(), disk, "the resumed domain did not write"
+            )
 
     def test_freeze_refused_without_qemu_support(self) -> None:
         """virsh freeze on a QEMU without the frozen state fails, the domain runs on."""
@@ -410,8 +443,9 @@ class LibvirtBaseline(LibvirtTest):
         with self.guest() as probe:
             probe.wait_record(2, 30)
             r = self.daemon.virsh("freeze", probe.name, check=False)
-            self.log.info("virsh freeze on stock QEMU -> %d %s", r.returncode,
-                          " ".join(r.stderr.split()))
+            self.log.info(
+                "virsh freeze on stock QEMU -> %d %s", r.returncode, " ".join(r.stderr.split())
+            )
             self.assertNotEqual(r.returncode, 0)
             self.assertTrue(self.domstate(probe.name).startswith("running"))
             n = probe.last_record()
