@@ -28,9 +28,12 @@ QEMU), ``builds``.  Under a job the stock side is timed twice: the plain
 script, and the script with ``block-job-cancel`` first (the plain one fails
 with a backup running, and may crash stock QEMU with a mirror running).
 
-Failover under Pacemaker is measured by the cluster work: ``add_pacemaker()``
-puts its figures into a bench.json (``result["pacemaker"]``, ``None`` until
-then; its target is listed as pending).  Targets are printed next to the
+``pacemaker`` runs a real two-node Pacemaker/corosync cluster (harness.cluster)
+and times a guest panic until the service's first write on node 2: the frozen
+agent with ``on_crash=freeze`` on the patched QEMU against the stock agent on
+stock QEMU with ``on_crash=destroy`` and ``=preserve``, interleaved, and records
+whether node 1 kept the guest's memory.  ``add_pacemaker()`` puts figures
+measured elsewhere into a bench.json.  Targets are printed next to the
 figures (met / not met); nothing here is a pass/fail test.  ``--trace`` and
 ``--strace`` show where a command's time goes (and slow QEMU down).
 """
@@ -69,7 +72,14 @@ MIRROR_SPEED_MB = 200  # the throttled mirror/backup, MiB/s
 LOADS = ("mirror-throttled", "mirror", "backup", "writes")
 JOB_LOADS = ("mirror-throttled", "mirror", "backup")
 MID_COPY_ATTEMPTS = 3
-SECTIONS = ("idle", "scaling", "memory", "load", "failover", "steady", "builds")
+SECTIONS = ("idle", "scaling", "memory", "load", "failover", "pacemaker", "steady", "builds")
+#: (label, OCF provider, on_crash, QEMU side) of the Pacemaker failover rows;
+#: "stock" is the agent's usual setting, "stock_preserve" keeps a crashed domain
+PACEMAKER_ROWS = (
+    ("frozen", "frozen", "freeze", "frozen"),
+    ("stock", "stock", "destroy", "stock"),
+    ("stock_preserve", "stock", "preserve", "stock"),
+)
 LOCK_TIMEOUT = 30.0
 STEADY_WINDOW_S = 60.0
 FLOOR_SAMPLES = 5
@@ -232,8 +242,13 @@ def targets(result: Mapping[str, Any]) -> list[Target]:
         out.append(Target("freeze flat in RAM", r, FLAT_RAM_LIMIT, detail))
     pm = result.get("pacemaker")
     r = ratio(_get(pm, "frozen"), _get(pm, "stock"))
-    detail = "" if pm else "cluster work; not measured here"
+    detail = "stock agent, on_crash=destroy" if pm else "pacemaker section not run"
     out.append(Target("failover frozen <= stock (Pacemaker)", r, 1.0 if pm else None, detail))
+    preserve = _get(pm, "rows", "stock_preserve", "seconds")
+    if preserve:
+        r = ratio(_get(pm, "frozen"), preserve)
+        detail = "stock agent, on_crash=preserve"
+        out.append(Target("failover frozen <= stock preserve (Pacemaker)", r, 1.0, detail))
     return out
 
 
@@ -585,6 +600,8 @@ class Bench:
     #: command: a diagnostic that shows which syscalls a command waits for,
     #: and slows those syscalls down; never for figures
     strace: bool = False
+    #: the patched libvirt's prefix: the nodes' virtqemud in the pacemaker section
+    libvirt: Path | None = None
     #: the harness client's no-op round trip, one per VM (for the header only)
     harness_floors: list[float] = field(default_factory=list)
     _serial: int = 0
@@ -875,6 +892,42 @@ class Bench:
             }
         return out
 
+    def pacemaker(self) -> dict[str, Any]:
+        """Guest panic until the service's first write on node 2, under a
+        real two-node cluster: each row of PACEMAKER_ROWS per repetition,
+        interleaved, each on a service of its own (its filesystem and VM
+        group, migration-threshold=1)."""
+        from harness import cluster, failover  # the cluster stack, only here
+
+        if self.libvirt is None:
+            raise ValueError("the pacemaker section needs the patched libvirt's prefix")
+        why = cluster.cluster_supported()
+        if why:
+            raise RuntimeError(f"cannot run a cluster here: {why}")
+        work = self.workdir / "pacemaker"
+        shared = Path(tempfile.mkdtemp(prefix="fzb-cl-"))  # short: console socket paths
+        rows: dict[str, list[Any]] = {label: [] for label, *_ in PACEMAKER_ROWS}
+        try:
+            with cluster.Cluster(
+                work / "cluster", self.libvirt, failover.agent_dirs(), logdir=work / "logs"
+            ) as cl:
+                cl.configure_defaults()
+                for i in range(self.reps):
+                    for label, provider, on_crash, side in PACEMAKER_ROWS:
+                        say(f"bench: pacemaker failover ({label}) {i + 1}/{self.reps}")
+                        name = f"p{i}{provider[:2]}{on_crash[:2]}"
+                        svc = failover.make_service(
+                            shared, self.prefix(side), name, on_crash=on_crash
+                        )
+                        rows[label].append(
+                            failover.run_failover(
+                                cl, svc, provider, on_crash=on_crash, workdir=work
+                            )
+                        )
+        finally:
+            shutil.rmtree(shared, ignore_errors=True)
+        return pacemaker_result(rows)
+
     def steady(self) -> dict[str, Any]:
         out: dict[str, Any] = {"window_s": self.steady_s}
         with self.box("frozen", "steady") as box:
@@ -892,6 +945,31 @@ class Bench:
 
 
 STRACE_SYSCALLS = "fdatasync,fsync,fcntl,close,pwrite64,pwritev,pwritev2,io_uring_enter"
+
+
+def pacemaker_result(rows: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """The pacemaker block from failover.FailoverResult rows per label: seconds
+    over the repetitions that failed over, and how many kept the memory and
+    served on node 2."""
+    out: dict[str, Any] = {"what": "guest panic", "rows": {}}
+    for label, provider, on_crash, side in PACEMAKER_ROWS:
+        runs = rows.get(label, ())
+        seconds = [r.failover_s for r in runs if r.failover_s is not None]
+        out["rows"][label] = {
+            "agent": provider,
+            "on_crash": on_crash,
+            "qemu": side,
+            "seconds": stat_or_none(seconds),
+            "runs": len(runs),
+            "failed_over": len(seconds),
+            "memory_kept": sum(bool(r.memory_kept) for r in runs),
+            "node2_serving": sum(bool(r.disk_opened_on_node2) for r in runs),
+        }
+    frozen = out["rows"]["frozen"]
+    out["frozen"] = frozen["seconds"]
+    out["stock"] = out["rows"]["stock"]["seconds"]
+    out["memory_kept"] = bool(frozen["runs"]) and frozen["memory_kept"] == frozen["runs"]
+    return out
 
 
 @contextlib.contextmanager
@@ -1061,6 +1139,13 @@ def _md(value: Stat | Mapping[str, Any] | None) -> str:
     return "n/a" if value is None else Stat.load(value).md()
 
 
+def _seconds(value: Stat | Mapping[str, Any] | None) -> str:
+    if value is None:
+        return "n/a"
+    st = Stat.load(value)
+    return f"{st.median:.1f} s ({st.min:.1f}-{st.max:.1f})"
+
+
 def _floor_ms(row: Mapping[str, Any]) -> str:
     f = row.get("floor")
     return "" if f is None else f"  floor {Stat.load(f).median * 1e3:.2f} ms"
@@ -1131,6 +1216,16 @@ def table(result: Mapping[str, Any]) -> str:
             lines.append(
                 f"{what + ' -> standby has the lock, pause + quit':44s}"
                 f"{_ms(row['pause_then_quit'])}"
+            )
+    pm = result.get("pacemaker")
+    if pm and pm.get("rows"):
+        lines += ["", f"failover under Pacemaker, {pm.get('what')} -> first write on node 2:"]
+        for label, row in pm["rows"].items():
+            n = row["runs"]
+            lines.append(
+                f"  {label:15s} {row['agent']} agent, on_crash={row['on_crash']:8s} "
+                f"{_seconds(row.get('seconds')):>22s}  failed over {row['failed_over']}/{n}, "
+                f"memory kept {row['memory_kept']}/{n}, node 2 serving {row['node2_serving']}/{n}"
             )
     st = result.get("steady")
     if st:
@@ -1262,14 +1357,31 @@ def readme_table(result: Mapping[str, Any]) -> str:
         for what, r in fail.items():
             out.append(f"| {what} | {_md(r['freeze'])} | {_md(r['pause_then_quit'])} |")
     pm = result.get("pacemaker")
-    if pm:
+    if pm and pm.get("rows"):
+        out += [
+            "",
+            f"Failover under Pacemaker (two nodes, {pm.get('what', 'guest failure')}): seconds "
+            "from the failure until the service's first write on node 2.",
+            "",
+            "| agent | on_crash | QEMU | seconds | failed over | memory kept on node 1 "
+            "| node 2 serving |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for line in pm["rows"].values():
+            n = line["runs"]
+            out.append(
+                f"| {line['agent']} | {line['on_crash']} | {line['qemu']} | "
+                f"{_seconds(line.get('seconds'))} | {line['failed_over']}/{n} | "
+                f"{line['memory_kept']}/{n} | {line['node2_serving']}/{n} |"
+            )
+    elif pm:
         out += [
             "",
             "| failover under Pacemaker: guest failure until the service's first write "
             "on node 2 | frozen agent | stock agent | memory kept |",
             "|---|---|---|---|",
-            f"| {pm.get('what', 'failure')} | {_md(pm.get('frozen'))} | {_md(pm.get('stock'))} "
-            f"| {pm.get('memory_kept', 'n/a')} |",
+            f"| {pm.get('what', 'failure')} | {_seconds(pm.get('frozen'))} "
+            f"| {_seconds(pm.get('stock'))} | {pm.get('memory_kept', 'n/a')} |",
         ]
     st = result.get("steady")
     if st:
@@ -1393,6 +1505,7 @@ def run(
     steady_s: float = STEADY_WINDOW_S,
     trace: Sequence[str] = (),
     strace: bool = False,
+    libvirt: Path | None = None,
     out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run the chosen sections; returns the result and the directory written."""
@@ -1409,6 +1522,7 @@ def run(
         steady_s=steady_s,
         trace=tuple(trace),
         strace=strace,
+        libvirt=libvirt,
     )
     result: dict[str, Any] = {
         "accel": bench.accel,
@@ -1423,9 +1537,8 @@ def run(
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "loadavg": os.getloadavg()[0],
         "cores": os.cpu_count(),
-        # Failover under Pacemaker (time to the service's first write on node 2,
-        # frozen agent against stock, memory kept) comes from the cluster work:
-        # {"frozen": Stat, "stock": Stat, "memory_kept": bool}.
+        # Failover under Pacemaker: {"frozen": Stat, "stock": Stat, "memory_kept":
+        # bool, "rows": ...} from the pacemaker section or add_pacemaker().
         "pacemaker": None,
     }
     steps: dict[str, Callable[[], Any]] = {
@@ -1434,6 +1547,7 @@ def run(
         "memory": lambda: bench.memory(sizes),
         "load": lambda: bench.load(loads),
         "failover": bench.failover,
+        "pacemaker": bench.pacemaker,
         "steady": bench.steady,
         "builds": builds,
     }

@@ -159,6 +159,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stock = args.stock_prefix or installs[("qemu", "stock")].prefix
         frozen = args.frozen_prefix or installs[("qemu", "frozen")].prefix
     sections = [s for s in args.sections if s != "builds" or not args.no_builds]
+    libvirt = args.libvirt_prefix
+    if "pacemaker" in sections and libvirt is None:
+        # The cluster's nodes run the patched libvirt's virtqemud.
+        installs = build_all(argparse.Namespace(**{**vars(args), "project": "libvirt"}))
+        libvirt = installs[("libvirt", "frozen")].prefix
     result, out_dir = bench.run(
         stock,
         frozen,
@@ -174,6 +179,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         steady_s=args.steady_s,
         trace=args.trace,
         strace=args.strace,
+        libvirt=libvirt,
         out_dir=args.out,
     )
     print(bench.table(result))
@@ -187,7 +193,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     # Literal copies of bench.SECTIONS / bench.LOADS: the parser must not import
     # bench (matplotlib etc.) for every command.
-    bench_sections = ["idle", "scaling", "memory", "load", "failover", "steady", "builds"]
+    bench_sections = [
+        "idle",
+        "scaling",
+        "memory",
+        "load",
+        "failover",
+        "pacemaker",
+        "steady",
+        "builds",
+    ]
     bench_loads = ["mirror-throttled", "mirror", "backup", "writes"]
     top = argparse.ArgumentParser(
         prog="frozen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -298,6 +313,11 @@ def parser() -> argparse.ArgumentParser:
         help="window of the steady-state CPU measurement (default 60)",
     )
     p.add_argument("--stock-prefix", type=Path, help="stock QEMU install (default: build/cache)")
+    p.add_argument(
+        "--libvirt-prefix",
+        type=Path,
+        help="patched libvirt install, for the pacemaker section (default: build/cache)",
+    )
     p.add_argument("--frozen-prefix", type=Path, help="frozen QEMU install (default: build/cache)")
     p.add_argument("--out", type=Path, help="result directory (default: in the cache)")
     p.add_argument(

@@ -529,7 +529,44 @@ def test_add_pacemaker_fills_the_hook_and_the_target(tmp_path: Path) -> None:
         "failover frozen <= stock (Pacemaker)"
     ] is True
     md = (tmp_path / "README-table.md").read_text()
-    assert "| guest failure | 5000 (4000-6000) | 9500 (9000-10000) | True |" in md
+    assert "| guest failure | 5.0 s (4.0-6.0) | 9.5 s (9.0-10.0) | True |" in md
+
+
+class _Run:
+    """The fields of failover.FailoverResult that the pacemaker block reads."""
+
+    def __init__(self, seconds: float | None, kept: bool, serving: bool) -> None:
+        self.failover_s = seconds
+        self.memory_kept = kept
+        self.disk_opened_on_node2 = serving
+
+
+def test_pacemaker_block_rows_targets_and_tables() -> None:
+    rows = {
+        "frozen": [_Run(7.0, True, True), _Run(8.0, True, True), _Run(None, True, False)],
+        "stock": [_Run(6.0, False, True), _Run(7.0, False, True)],
+        "stock_preserve": [_Run(10.0, False, True)],
+    }
+    pm = bench.pacemaker_result(rows)
+    assert bench.Stat.load(pm["frozen"]).median == 7.5  # the run that never served is left out
+    assert pm["rows"]["frozen"]["failed_over"] == 2 and pm["rows"]["frozen"]["runs"] == 3
+    assert pm["memory_kept"] is True
+    assert pm["rows"]["stock"]["memory_kept"] == 0
+    result = _result()
+    result["pacemaker"] = json.loads(json.dumps(bench._jsonable(pm)))
+    v = _verdicts(result)
+    assert v["failover frozen <= stock (Pacemaker)"] == "not met"  # 7.5 / 6.5
+    assert v["failover frozen <= stock preserve (Pacemaker)"] == "met"
+    md = bench.readme_table(result)
+    assert "| frozen | freeze | frozen | 7.5 s (7.0-8.0) | 2/3 | 3/3 | 2/3 |" in md
+    assert "| stock | preserve | stock | 10.0 s (10.0-10.0) | 1/1 | 0/1 | 1/1 |" in md
+    assert "memory kept 0/2" in bench.table(result)
+
+
+def test_pacemaker_block_of_a_row_that_never_ran() -> None:
+    pm = bench.pacemaker_result({"frozen": [], "stock": []})
+    assert pm["frozen"] is None and pm["memory_kept"] is False
+    assert pm["rows"]["stock_preserve"]["runs"] == 0
 
 
 def test_flat_in_ram_looks_at_every_size_and_partial_blocks_are_pending() -> None:
