@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import build, config, guest, netns
+from harness.lifecycle import Started
 from harness.vm import qemu_tool, system_binary
 
 #: libvirt-python release matching the pinned libvirt
@@ -357,7 +358,7 @@ def _supervise(spec_json: str) -> int:
 
 
 @dataclass
-class Virtqemud:
+class Virtqemud(Started):
     """A private virtqemud; a context manager that always ends what it started.
 
     ``uri`` is what virsh, libvirt-python and the resource agent connect to.
@@ -386,17 +387,6 @@ class Virtqemud:
     @property
     def uri(self) -> str:
         return self.run.uri
-
-    def __enter__(self) -> Virtqemud:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # supervisor plumbing
 
