@@ -27,7 +27,6 @@ import ctypes
 import fcntl
 import json
 import os
-import re
 import secrets
 import select
 import shutil
@@ -45,6 +44,7 @@ from typing import Any
 
 from harness import build, config, guest, netns
 from harness.lifecycle import Started
+from harness.rig import console_records
 from harness.vm import qemu_tool, system_binary
 
 #: libvirt-python release matching the pinned libvirt
@@ -693,12 +693,12 @@ class Console:
         self.close()
 
 
-RECORD_RX = re.compile(rb"^record (\d+) blk=(\w+) net=(\w+)", re.M)
-
-
 @dataclass
 class ProbeGuest:
-    """A probe domain's files and its host side: disk, listener, console."""
+    """A probe domain's files and its host side: disk, listener, console.
+
+    The libvirt implementation of the rig protocol (``rig.GuestRig``).
+    """
 
     domain: ProbeDomain
     marker: str
@@ -715,8 +715,11 @@ class ProbeGuest:
         except FileNotFoundError:
             return b""
 
+    def console_text(self) -> str:
+        return self.console_bytes().decode(errors="replace")
+
     def records(self) -> list[int]:
-        return [int(m.group(1)) for m in RECORD_RX.finditer(self.console_bytes())]
+        return [r.counter for r in console_records(self.console_bytes())]
 
     def last_record(self) -> int:
         recs = self.records()
@@ -737,10 +740,13 @@ class ProbeGuest:
                 )
             time.sleep(0.05)  # poll interval on the console log
 
-    def command(self, byte: bytes) -> None:
+    def disk_view(self) -> bytes:
+        return self.domain.disk.read_bytes()  # raw: the guest's view
+
+    def command(self, c: bytes) -> None:
         """Send one probe command byte (see harness.guest CMD_*)."""
         with Console(self.domain.console) as con:
-            con.write(byte)
+            con.write(c)
 
 
 @contextlib.contextmanager
