@@ -41,7 +41,7 @@ class StockBaseline(FrozenTest):
     def test_cont_resumes_guest_panicked(self) -> None:
         with self.rig(actions={"panic": "pause"}) as rig:
             rig.wait_record(3, 10)
-            rig.guest_command(guest.CMD_PANIC)
+            rig.command(guest.CMD_PANIC)
             ev = rig.vm.event_wait("GUEST_PANICKED", 10)
             self.assertEqual(ev["data"]["action"], "pause")
             self._assert_resumes(rig, "guest-panicked")
@@ -49,7 +49,7 @@ class StockBaseline(FrozenTest):
     def test_cont_resumes_watchdog_stopped(self) -> None:
         with self.rig(actions={"watchdog": "pause"}) as rig:
             rig.wait_record(3, 10)
-            rig.guest_command(guest.CMD_WATCHDOG)
+            rig.command(guest.CMD_WATCHDOG)
             ev = rig.vm.event_wait("WATCHDOG", 15)
             self.assertEqual(ev["data"]["action"], "pause")
             self._assert_resumes(rig, "watchdog")
@@ -113,16 +113,20 @@ class StockBaseline(FrozenTest):
             rig.wait_record(3, 10)
             vm.cmd("stop")
             vm.event_wait("STOP", 5)
-            opened, text = rig.standby_opens_rw()
-            self.assertFalse(opened, f"image was not locked by a paused QEMU: {text}")
+            standby = observe.standby_opens_rw(rig)
+            self.assertFalse(
+                standby.opened, f"image was not locked by a paused QEMU: {standby.text}"
+            )
             vm.cmd("blockdev-set-active", active=False)
-            opened, text = rig.standby_opens_rw()
-            self.assertTrue(opened, f"lock not released after set-active false: {text}")
+            standby = observe.standby_opens_rw(rig)
+            self.assertTrue(
+                standby.opened, f"lock not released after set-active false: {standby.text}"
+            )
             vm.cmd("cont")
             vm.event_wait("RESUME", 5)
             self.assertEqual(vm.status(), "running")
             # cont silently re-activated the node: the lock is back, writes go on.
-            opened, text = rig.standby_opens_rw()
-            self.assertFalse(opened, f"lock not re-taken after cont: {text}")
+            standby = observe.standby_opens_rw(rig)
+            self.assertFalse(standby.opened, f"lock not re-taken after cont: {standby.text}")
             last = rig.last_record()
             self.assertGreater(rig.wait_record(last + 2, 10), last)
