@@ -59,8 +59,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import build, checks, config, guest, patches
+from harness import build, config, guest, patches
 from harness.progress import say
+from harness.rig import NIC_ID, Rig, create_image
+from harness.scenario import FREEZE_EVENT_TIMEOUT, default_accel
 from harness.vm import VMTimeout
 
 MEMORY_SIZES_MB = (512, 2048, 4096, 8192)
@@ -518,7 +520,7 @@ def layout_args(layout: Layout, workdir: Path, prefix: Path) -> list[str]:
     args: list[str] = []
     for i in range(1, layout.disks):
         image = workdir / f"disk{i}.{layout.fmt}"
-        checks.create_image(prefix, image, layout.fmt)
+        create_image(prefix, image, layout.fmt)
         node = {
             "driver": layout.fmt,
             "node-name": f"disk{i}",
@@ -550,14 +552,14 @@ def layout_args(layout: Layout, workdir: Path, prefix: Path) -> list[str]:
 
 
 def nic_ids(layout: Layout) -> list[str]:
-    return [checks.NIC_ID, *(f"nic{i}" for i in range(1, layout.nics))]
+    return [NIC_ID, *(f"nic{i}" for i in range(1, layout.nics))]
 
 
 @dataclass
 class Box:
     """One benchmark VM: the harness rig and the lean client on its second monitor."""
 
-    rig: checks.Rig
+    rig: Rig
     qmp: LeanQMP
     layout: Layout
     side: str
@@ -623,7 +625,7 @@ class Bench:
             extra += ["-msg", "timestamp=on"]  # the log backend's pid@seconds prefix
         timeout = 120.0 if layout.ram_mb and layout.ram_mb > 1024 else 30.0
         try:
-            rig_cm = checks.probe_rig(
+            rig_cm = guest.probe_rig(
                 self.prefix(side),
                 workdir,
                 accel=self.accel,
@@ -653,8 +655,8 @@ class Bench:
         q = box.qmp
         if action == "freeze":
             cid, start = q.send("freeze")
-            q.reply("freeze", cid, checks.FREEZE_EVENT_TIMEOUT)
-            at, _ = q.wait_event("FROZEN", checks.FREEZE_EVENT_TIMEOUT, after=start)
+            q.reply("freeze", cid, FREEZE_EVENT_TIMEOUT)
+            at, _ = q.wait_event("FROZEN", FREEZE_EVENT_TIMEOUT, after=start)
             return start, at - start
         if action == "stop":
             cid, start = q.send("stop")
@@ -733,7 +735,7 @@ class Bench:
             box.rig.wait_record(last + 5, 10)
             return {"records_before": box.rig.last_record()}
         target = box.rig.workdir / "target.raw"
-        checks.create_image(self.prefix(box.side), target, "raw", self.load_mb << 20)
+        create_image(self.prefix(box.side), target, "raw", self.load_mb << 20)
         q.execute(
             "blockdev-add",
             {
@@ -868,7 +870,7 @@ class Bench:
             Standby(box.rig.image) as sb,
         ):
             sb.start()
-            box.rig.guest_command(command)
+            box.rig.command(command)
             _, ev = box.qmp.wait_event(event, 30)
             # From the failure itself, as QEMU stamped its event (wall clock).
             stamp = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
@@ -1516,7 +1518,7 @@ def run(
         frozen,
         out_dir / "work",
         reps,
-        checks.default_accel(),
+        default_accel(),
         load_mb=load_mb,
         speed_mb=speed_mb,
         steady_s=steady_s,

@@ -281,7 +281,8 @@ def install_prefix(project: str, variant: str) -> Path:
     return config.cache_root() / "installs" / f"{project}-{variant}"
 
 
-def _read_stamp(prefix: Path) -> dict | None:
+def read_stamp(prefix: Path) -> dict | None:
+    """The stamp of the install in ``prefix`` (its key, timings), if complete."""
     try:
         return json.loads((prefix / STAMP).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -373,7 +374,7 @@ def build(tree: Tree, *, jobs: int | None = None) -> Install:
         raise BuildError(str(exc), tree.path / "build.log") from None
     key = cache_key(tree, options)
     prefix = install_prefix(tree.project, tree.variant)
-    stamp = _read_stamp(prefix)
+    stamp = read_stamp(prefix)
     if stamp and stamp.get("key") == key:
         say(f"{tree.project} ({tree.variant}): cache hit {prefix}")
         return Install(

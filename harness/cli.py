@@ -18,8 +18,9 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from harness import build, config, distro, export, gates, patches, sources
+from harness import build, config, distro, export, gates, patches, pipeline, sources
 from harness.progress import say
 
 
@@ -80,69 +81,47 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_all(args: argparse.Namespace) -> dict[tuple[str, str], build.Install]:
-    """Every build the proof needs: stock and frozen QEMU, frozen libvirt."""
-    wanted = [("qemu", "stock"), ("qemu", "frozen"), ("libvirt", "frozen")]
-    if getattr(args, "project", None):
-        wanted = [w for w in wanted if w[0] == args.project]
-    installs = {}
-    for project, variant in wanted:
-        start = time.monotonic()
-        tree = patches.prepare(
-            project, variant, local=_local(args, project), force=getattr(args, "force", False)
-        )
-        install = build.build(tree, jobs=getattr(args, "jobs", None))
-        installs[(project, variant)] = install
-        say(f"{project} ({variant}) ready in {time.monotonic() - start:.1f} s: {install.prefix}")
-    return installs
+def _build_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "local": {p: _local(args, p) for p in config.PROJECTS},
+        "force": getattr(args, "force", False),
+        "jobs": getattr(args, "jobs", None),
+    }
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    for (project, variant), install in build_all(args).items():
+    installs = pipeline.build_all(project=args.project, **_build_options(args))
+    for (project, variant), install in installs.items():
         print(f"{project}\t{variant}\t{install.prefix}")
     return 0
 
 
-def cmd_verify(args: argparse.Namespace, installs=None) -> int:
-    from harness import checks
+def _partial(args: argparse.Namespace) -> bool | None:
+    return True if getattr(args, "partial", False) else None
 
-    installs = installs or build_all(argparse.Namespace(**{**vars(args), "project": "qemu"}))
-    partial = getattr(args, "partial", False) or checks.partial_run()
-    return verify_prefixes(
-        installs[("qemu", "frozen")].prefix, installs[("qemu", "stock")].prefix, partial
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    installs = pipeline.build_all(project="qemu", **_build_options(args))
+    v = pipeline.verify(
+        installs[("qemu", "frozen")].prefix,
+        installs[("qemu", "stock")].prefix,
+        partial=_partial(args),
     )
-
-
-def verify_prefixes(frozen: Path, stock: Path, partial: bool) -> int:
-    """The verification table: every trigger on the frozen QEMU, then the
-    same checks on stock QEMU paused, which must go red or prove nothing."""
-    from harness import checks
-
-    results = checks.verify_all(frozen, partial=partial, progress=say)
-    results += checks.verify_all(
-        stock, partial=partial, soak_s=checks.CONTROL_SOAK_S, control=True, progress=say
-    )
-    print(checks.format_table(results))
-    for r in results:
-        if not checks.verdict_ok(r):
-            print(f"\n{checks.verdict(r)} {r.trigger}{' (stock control)' if r.control else ''}:")
-            print("\n".join(f"  {d}" for d in r.details))
-    return 0 if all(checks.verdict_ok(r) for r in results) else 1
+    print(v.text())
+    return 0 if v.ok else 1
 
 
 def cmd_all(args: argparse.Namespace) -> int:
-    start = time.monotonic()
-    for project in config.PROJECTS:
-        sources.fetch(config.pin(project))
-    installs = build_all(args)
-    say(f"fetch + apply + build: {time.monotonic() - start:.1f} s")
-    return cmd_verify(args, installs)
+    v = pipeline.prove(partial=_partial(args), **_build_options(args))
+    print(v.text())
+    return 0 if v.ok else 1
 
 
 def cmd_test(args: argparse.Namespace) -> int:
     from harness import suite
 
-    return suite.run(args)
+    opts = _build_options(args)
+    return suite.run(suite.Options(partial=args.partial, **opts))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -155,7 +134,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stock, frozen = args.stock_prefix, args.frozen_prefix
     else:
         # QEMU only: stock for stop/script/pause, patched for freeze.
-        installs = build_all(argparse.Namespace(**{**vars(args), "project": "qemu"}))
+        installs = pipeline.build_all(project="qemu", **_build_options(args))
         stock = args.stock_prefix or installs[("qemu", "stock")].prefix
         frozen = args.frozen_prefix or installs[("qemu", "frozen")].prefix
     sections = [s for s in args.sections if s != "builds" or not args.no_builds]
@@ -393,29 +372,9 @@ def _export_rpm(args: argparse.Namespace) -> int:
     return 0 if len(outcomes) == len(files) and all(o.ok for o in outcomes) else 1
 
 
-def latest_test_summary() -> str:
-    """Per-stage counts of the newest `frozen test` run here, for the cover letter."""
+def _export_mail(args: argparse.Namespace) -> int:
     from harness import suite
 
-    root = config.cache_root() / "results"
-    runs = (
-        sorted(p for p in root.glob("*") if p.is_dir() and any(p.glob("*.xml")))
-        if root.is_dir()
-        else []
-    )
-    if not runs:
-        return ""
-    lines = [f"`frozen test` results of run {runs[-1].name} on the exporting machine:"]
-    for xml in sorted(runs[-1].glob("*.xml")):
-        counts = suite.junit_counts(xml)
-        lines.append(
-            f"- {xml.stem}: {counts.passed} passed, {counts.failed} failed, "
-            f"{counts.skipped} skipped"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _export_mail(args: argparse.Namespace) -> int:
     export.parse_signoff(args.signoff)  # refuse before any work
     tree = patches.prepare(args.project, "frozen", local=_local(args, args.project))
     result = export.export_mail(
@@ -425,7 +384,7 @@ def _export_mail(args: argparse.Namespace) -> int:
         signoff=args.signoff,
         version=args.reroll_count,
         onto=args.onto,
-        proof=latest_test_summary(),
+        proof=suite.latest_test_summary(),
     )
     print(f"{len(result.files)} mail(s) in {args.dir} (cover letter included)")
     print(f"To: {', '.join(result.recipients.to)}  (from {result.recipients.source})")

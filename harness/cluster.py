@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import config, libvirtd, netns
+from harness.lifecycle import Started
 from harness.progress import say
 
 CLUSTER_NAME = "frozen"
@@ -383,7 +384,7 @@ class Snapshot:
 
 
 @dataclass
-class Cluster:
+class Cluster(Started):
     """N nodes in namespaces on this host; a context manager that always ends
     what it started: virtqemud and QEMU, Pacemaker, corosync, namespaces.
 
@@ -400,17 +401,6 @@ class Cluster:
     snapshots: list[Snapshot] = field(default_factory=list, init=False)
     _hub: str | None = field(default=None, init=False, repr=False)
     _namespaces: list[str] = field(default_factory=list, init=False, repr=False)
-
-    def __enter__(self) -> Cluster:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # bring-up
 

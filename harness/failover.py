@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness import checks, config, guest, libvirtd, patches
+from harness import config, guest, libvirtd, patches
 from harness.cluster import (
     NODE_RUN,
     Cluster,
@@ -38,7 +38,9 @@ from harness.cluster import (
     location,
     primitive,
 )
+from harness.observe import parse_records
 from harness.progress import say
+from harness.rig import console_records as records_in
 from harness.vm import qemu_tool, system_binary
 
 FS_SIZE = "16M"
@@ -186,7 +188,7 @@ def console_records(node: Node, svc: Service) -> list[tuple[int, str]]:
         data = node.path(svc.console_log).read_bytes()
     except FileNotFoundError:
         return []
-    return [(int(m.group(1)), m.group(2).decode()) for m in libvirtd.RECORD_RX.finditer(data)]
+    return [(r.counter, r.blk) for r in records_in(data)]
 
 
 def wait_records(node: Node, svc: Service, n: int, timeout: float) -> None:
@@ -242,7 +244,7 @@ def disk_records(node: Node, svc: Service) -> int:
     """Probe records with the service's marker on its disk, read through the
     node's mount of the filesystem."""
     try:
-        return len(checks.parse_records(node.path(svc.disk).read_bytes(), svc.marker))
+        return len(parse_records(node.path(svc.disk).read_bytes(), svc.marker))
     except OSError:
         return 0
 

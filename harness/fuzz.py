@@ -24,13 +24,12 @@ lists every crash.  The negative control (stock QEMU, stopped and
 inactivated) restores that state after each call that broke something.
 
 The pure parts (argument generation, HMP help parsing, the verdicts) take
-plain data and are unit-tested; the rest drives a ``checks.Rig``.
+plain data and are unit-tested; the rest drives a ``rig.Rig``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import itertools
 import json
@@ -39,8 +38,6 @@ import os
 import re
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import tempfile
 import time
@@ -51,7 +48,25 @@ from typing import Any
 
 from qemu.qmp import QMPError
 
-from harness import checks, netns
+from harness import config, guest, netns
+from harness.attempts import (
+    WRITE_PATHS,
+    WritePath,
+    gdb_continue_step,
+    nbd_client_write,
+    prepare_write_paths,
+)
+from harness.observe import STANDBY_CONFLICTS, file_digest, held_lock_bytes, lock_byte_name
+from harness.rig import (
+    DEVICE_ID,
+    DISK_NODE,
+    IMAGE_SIZE,
+    NETDEV_ID,
+    NIC_ID,
+    Rig,
+    RigError,
+    run_tool,
+)
 from harness.vm import VM, VMCommandError, VMError, VMTimeout, qemu_tool
 
 #: A string that names nothing that exists (and is a valid id).
@@ -66,16 +81,6 @@ SETTLE_S = 0.05
 #: Files QEMU writes in the scratch dir above this size are removed after
 #: the call (dumps and migration streams of 64 MiB add up over a run).
 SCRATCH_KEEP_BYTES = 4 << 20
-
-#: QEMU file-posix locks one byte per permission at 100+bit while it holds
-#: the permission and at 200+bit while it refuses to share it (BLK_PERM_*).
-LOCK_PERM_BASE = 100
-LOCK_SHARED_BASE = 200
-LOCK_SPAN = 64
-PERM_NAMES = ("consistent-read", "write", "write-unchanged", "resize")
-#: The bytes that make a standby's read-write open (a disk device: it needs
-#: read and write, shares read) fail; the others only mean "still open".
-STANDBY_CONFLICTS = frozenset({LOCK_PERM_BASE + 1, LOCK_SHARED_BASE + 0, LOCK_SHARED_BASE + 1})
 
 #: Top-level argument sets per command, and per nested value.
 MAX_SETS = 30
@@ -962,53 +967,6 @@ HMP_OVERRIDES: dict[str, dict[str, Any]] = {
 # -- invariants ----------------------------------------------------------------
 
 
-def _flock(fd: int, cmd: int, kind: int, start: int, length: int) -> tuple[bool, int]:
-    """One OFD lock request; returns (done, l_type answered by F_OFD_GETLK)."""
-    # struct flock on Linux x86_64: short l_type, short l_whence, off_t l_start,
-    # off_t l_len, pid_t l_pid (0 for OFD locks), padding.
-    req = struct.pack("hhqqi4x", kind, os.SEEK_SET, start, length, 0)
-    try:
-        ans = fcntl.fcntl(fd, cmd, req)
-    except OSError:
-        return False, -1
-    return True, struct.unpack("hhqqi4x", ans)[0]
-
-
-def lock_byte_name(offset: int) -> str:
-    base, what = (
-        (LOCK_SHARED_BASE, "shared") if offset >= LOCK_SHARED_BASE else (LOCK_PERM_BASE, "perm")
-    )
-    bit = offset - base
-    perm = PERM_NAMES[bit] if 0 <= bit < len(PERM_NAMES) else f"bit{bit}"
-    label = "unshared" if what == "shared" else "held"
-    return f"{offset}({perm} {label})"
-
-
-def held_lock_bytes(path: Path) -> list[int]:
-    """QEMU lock bytes some other open file holds on ``path`` (empty: all free).
-
-    A standby opening the image read-write needs these bytes; a write lock
-    (F_OFD_SETLK F_WRLCK) over both ranges succeeds only when nobody holds
-    any of them.  It is released at once; the held bytes are then named one
-    by one with F_OFD_GETLK.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        held: list[int] = []
-        for base in (LOCK_PERM_BASE, LOCK_SHARED_BASE):
-            ok, _ = _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, base, LOCK_SPAN)
-            if ok:
-                _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, base, LOCK_SPAN)
-                continue
-            for off in range(base, base + LOCK_SPAN):
-                done, kind = _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, off, 1)
-                if done and kind != fcntl.F_UNLCK:
-                    held.append(off)
-        return held
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class Observation:
     """What the harness measured after one call."""
@@ -1115,6 +1073,8 @@ class FuzzReport:
     #: where a fresh rig would go on after a crash (None: nothing left)
     next_index: int | None = None
     segments: int = 1
+    #: What the run could not prove (partial run), for the summary.
+    not_proven: list[str] = field(default_factory=list)
 
     def merge(self, later: FuzzReport) -> FuzzReport:
         """This segment followed by a later one (after a restart)."""
@@ -1133,6 +1093,7 @@ class FuzzReport:
             prelude_size=later.prelude_size,
             next_index=later.next_index,
             segments=self.segments + later.segments,
+            not_proven=list(dict.fromkeys([*self.not_proven, *later.not_proven])),
         )
 
     def commands(self, kind: str | None = None) -> int:
@@ -1202,6 +1163,7 @@ class FuzzReport:
             lines.append(
                 "  not run: " + ", ".join(f"{k}({n})" for k, n in sorted(self.not_run.items())[:60])
             )
+        lines += [f"  NOT PROVEN (partial run): {g}" for g in self.not_proven]
         fails = self.failures
         if fails:
             lines.append(f"  calls that broke an invariant (first {max_failures} of {len(fails)}):")
@@ -1214,12 +1176,14 @@ class FuzzReport:
 
 @dataclass
 class FuzzRig:
-    rig: checks.Rig
+    rig: Rig
     values: RigValues
     scratch: Path
     sock_dir: Path
     #: NBD server sockets the fuzz knows of (the pre-freeze one first)
     nbd_sockets: list[Path] = field(default_factory=list)
+    #: What this rig cannot prove (a partial run without namespaces).
+    not_proven: list[str] = field(default_factory=list)
 
     @property
     def images(self) -> list[Path]:
@@ -1227,22 +1191,22 @@ class FuzzRig:
 
 
 def _img(prefix: Path, *args: str | Path) -> None:
-    r = checks.run_tool([qemu_tool(prefix, "qemu-img"), *args])
+    r = run_tool([qemu_tool(prefix, "qemu-img"), *args])
     if r.returncode != 0:
-        raise checks.CheckError(f"qemu-img {' '.join(map(str, args))}: {r.stderr.strip()}")
+        raise RigError(f"qemu-img {' '.join(map(str, args))}: {r.stderr.strip()}")
 
 
 def _io(prefix: Path, fmt: str, image: Path, cmd: str) -> None:
-    r = checks.run_tool([qemu_tool(prefix, "qemu-io"), "-f", fmt, "-c", cmd, image])
+    r = run_tool([qemu_tool(prefix, "qemu-io"), "-f", fmt, "-c", cmd, image])
     if r.returncode != 0 or "error" in r.stdout.lower():
-        raise checks.CheckError(f"qemu-io {cmd} {image}: {r.stdout}{r.stderr}")
+        raise RigError(f"qemu-io {cmd} {image}: {r.stdout}{r.stderr}")
 
 
-def make_images(prefix: Path, wd: Path) -> tuple[Path, Path, Path]:
-    """A backing file with data, an overlay on it with data and an internal
-    snapshot, and a raw backup target: (base, overlay, target)."""
-    base, ovl, tgt = wd / "base.qcow2", wd / "ovl.qcow2", wd / "tgt.raw"
-    _img(prefix, "create", "-q", "-f", "qcow2", base, str(checks.IMAGE_SIZE))
+def make_images(prefix: Path, wd: Path) -> tuple[Path, Path]:
+    """A backing file with data and an overlay on it with data and an
+    internal snapshot: (base, overlay)."""
+    base, ovl = wd / "base.qcow2", wd / "ovl.qcow2"
+    _img(prefix, "create", "-q", "-f", "qcow2", base, str(IMAGE_SIZE))
     _io(prefix, "qcow2", base, "write -P 0x11 0 64k")
     _img(
         prefix,
@@ -1255,13 +1219,12 @@ def make_images(prefix: Path, wd: Path) -> tuple[Path, Path, Path]:
         "-F",
         "qcow2",
         ovl,
-        str(checks.IMAGE_SIZE),
+        str(IMAGE_SIZE),
     )
     _io(prefix, "qcow2", ovl, "write -P 0x22 64k 64k")
     _img(prefix, "snapshot", "-c", "snap0", ovl)
     _io(prefix, "qcow2", ovl, "write -P 0x33 128k 64k")
-    checks.create_image(prefix, tgt, "raw")
-    return base, ovl, tgt
+    return base, ovl
 
 
 def fuzz_extra_args(base: Path, ovl: Path) -> list[str]:
@@ -1319,16 +1282,35 @@ def fuzz_rig(
     network: str | None = None,
 ) -> Iterator[FuzzRig]:
     """Boot the probe with the fuzz's devices, and set up what must exist
-    before the freeze: a backup target node and a writable NBD export."""
+    before the freeze: what the write-path table needs (target nodes, an
+    NBD server, a writable NBD export; ``attempts.prepare_write_paths``).
+
+    The NICs are a tap in a private namespace (its frames captured) and a
+    user NIC. Without namespaces this fails, unless the run is partial
+    ($FROZEN_PARTIAL): then the tap becomes user networking and the report
+    says so under "not proven".
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     scratch = workdir / "scratch"
-    base, ovl, tgt = make_images(prefix, workdir)
-    net = network or ("tap" if netns.netns_supported() is None else "user")
+    base, ovl = make_images(prefix, workdir)
+    net = network or "tap"
+    not_proven = []
+    if net == "tap" and (why := netns.netns_supported()) is not None:
+        if not config.partial_run():
+            raise RigError(
+                f"tap networking needs a network namespace: {why}; a partial run "
+                f"({config.PARTIAL_ENV}=1) fuzzes on user networking and reports it"
+            )
+        not_proven.append(
+            f"tap networking ({why}): fuzzed on user networking, so frames "
+            "QEMU itself would send were not captured"
+        )
+        net = "user"
     sock_dir = Path(tempfile.mkdtemp(prefix="fz", dir="/tmp"))  # unix paths are short
     try:
         with (
             scratch_cwd(scratch / "cwd"),
-            checks.probe_rig(
+            guest.probe_rig(
                 prefix,
                 workdir / "rig",
                 network=net,
@@ -1338,47 +1320,27 @@ def fuzz_rig(
                 log_dir=log_dir,
             ) as rig,
         ):
-            vm = rig.vm
-            vm.cmd(
-                "blockdev-add",
-                {
-                    "driver": "raw",
-                    "node-name": "tgt0",
-                    "file": {"driver": "file", "filename": str(tgt)},
-                },
-            )
-            nbd = sock_dir / "pre.sock"
-            vm.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd)}}})
-            vm.cmd(
-                "block-export-add",
-                {
-                    "type": "nbd",
-                    "id": "pre",
-                    "node-name": checks.DISK_NODE,
-                    "name": "pre",
-                    "writable": True,
-                },
-            )
-            values = collect_values(rig, [rig.image, ovl, base, tgt])
-            yield FuzzRig(rig, values, scratch, sock_dir, [nbd])
+            prepare_write_paths(rig)
+            values = collect_values(rig, [rig.image, ovl, base, *rig.write_targets])
+            yield FuzzRig(rig, values, scratch, sock_dir, [rig.nbd_socket], not_proven)
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-def collect_values(rig: checks.Rig, images: list[Path]) -> RigValues:
+def collect_values(rig: Rig, images: list[Path]) -> RigValues:
     """The rig's names, read from QEMU (auto-named nodes included)."""
     vm = rig.vm
     named = [n["node-name"] for n in vm.cmd("query-named-block-nodes")]
-    first = [checks.DISK_NODE, "ovl0", "base0", "tgt0", "ovl0-file", "base0-file"]
+    first = [DISK_NODE, "ovl0", "base0", "tgt0", "ovl0-file", "base0-file"]
     nodes = list(dict.fromkeys([*(n for n in first if n in named), *named]))
     peripherals = {p["name"] for p in vm.cmd("qom-list", path="/machine/peripheral")}
-    blk = [d for d in (checks.DEVICE_ID, "ide0", "cd0") if d in peripherals]
-    nics = [d for d in (checks.NIC_ID, "nic1") if d in peripherals]
+    blk = [d for d in (DEVICE_ID, "ide0", "cd0") if d in peripherals]
+    nics = [d for d in (NIC_ID, "nic1") if d in peripherals]
     return RigValues(
         nodes=nodes,
         block_devices=blk,
         nics=nics,
-        netdevs=[checks.NETDEV_ID, "unet0"],
+        netdevs=[NETDEV_ID, "unet0"],
         chardevs=["fuzzchr0", "fuzzring0"],
         images=images,
         snapshots=["snap0"],
@@ -1413,7 +1375,7 @@ class _Fuzzer:
         frig: FuzzRig,
         expect: str,
         call_timeout: float,
-        restore: Callable[[checks.Rig], None] | None,
+        restore: Callable[[Rig], None] | None,
         log: Callable[[str], None] | None,
     ):
         self.frig = frig
@@ -1423,7 +1385,7 @@ class _Fuzzer:
         self.call_timeout = call_timeout
         self.restore = restore
         self.log = log or (lambda s: None)
-        self.report = FuzzReport(expect, str(self.vm.binary))
+        self.report = FuzzReport(expect, str(self.vm.binary), not_proven=list(frig.not_proven))
         self.counter = itertools.count()
         self.made: list[Path] = []
         self.prev: Observation | None = None
@@ -1452,13 +1414,13 @@ class _Fuzzer:
             with contextlib.suppress(VMError):
                 rc = self.vm.wait_for_exit(1)
             note = f"QEMU exited, {_exit_text(rc)}: {stderr_tail(self.rig)}"
-        digests = {p.name: checks.file_digest(p) for p in self.frig.images}
+        digests = {p.name: file_digest(p) for p in self.frig.images}
         locks = {p.name: held_lock_bytes(p) for p in self.frig.images}
         frames = len(self.rig.capture.datagrams()) if self.rig.capture is not None else 0
         return Observation(
             alive,
             status,
-            len(self.rig.records_printed()),
+            len(self.rig.records()),
             digests,
             locks,
             len(self.rig.listener.datagrams()),
@@ -1656,19 +1618,14 @@ class _Fuzzer:
     def _nbd_write(self, sock: Path, export: str) -> bool:
         if not sock.exists():
             return False
-        wrote, _ = checks.nbd_client_write(self.rig.prefix, sock, export)
+        wrote, _ = nbd_client_write(self.rig.prefix, sock, export)
         return wrote
 
     def _gdb_run(self, path: Path) -> bool:
         """Ask the gdbstub to continue, then to step; the invariants judge."""
         if not path.exists():
             return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gdb:
-            gdb.settimeout(2)
-            gdb.connect(str(path))
-            for body in ("?", "c", "s"):
-                checks._gdb_send(gdb, body)
-                checks._gdb_reply(gdb, 0.5)
+        gdb_continue_step(self.vm, path, wait_s=0.5)
         return True
 
     def run_probe(self, name: str, summary: str, fn: Callable[[], bool]) -> None:
@@ -1676,7 +1633,7 @@ class _Fuzzer:
         res = CallResult("probe", name, summary, refused=True)
         try:
             res.refused = not fn()
-        except (OSError, subprocess.SubprocessError, checks.CheckError) as e:
+        except (OSError, subprocess.SubprocessError, RigError) as e:
             res.error = repr(e)[:200]
         res.seconds = time.monotonic() - t0
         self.report.calls.append(res)
@@ -1685,7 +1642,7 @@ class _Fuzzer:
             self.log(f"BROKE: {res.line()}")
 
 
-def stderr_tail(rig: checks.Rig, n: int = 2) -> str:
+def stderr_tail(rig: Rig, n: int = 2) -> str:
     """QEMU's last words (an assertion, an error) from its log, without the
     command line on top, the CPUID warnings and qemu-img style chatter."""
     try:
@@ -1771,7 +1728,7 @@ def run_fuzz(
     final: bool = True,
     quit_at_end: bool = True,
     call_timeout: float = CALL_TIMEOUT,
-    restore: Callable[[checks.Rig], None] | None = None,
+    restore: Callable[[Rig], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> FuzzReport:
     """Fuzz both monitors of the frozen (``expect="frozen"``) or stopped
@@ -1816,7 +1773,7 @@ def _run_fuzz(
     final: bool,
     quit_at_end: bool,
     call_timeout: float,
-    restore: Callable[[checks.Rig], None] | None,
+    restore: Callable[[Rig], None] | None,
     log: Callable[[str], None] | None,
 ) -> FuzzReport:
     t0 = time.monotonic()
@@ -1877,9 +1834,17 @@ def _run_fuzz(
     else:
         _not_run(fz.report, plan[i:])
         if final:
-            # The export opened before the freeze, last: on stock its write
-            # may abort QEMU.
+            # The proof's write-path table, each row judged by the
+            # invariants; the export opened before the freeze comes last
+            # (on stock its write may abort QEMU).
+            for path in WRITE_PATHS:
+                if fz.dead:
+                    break
+                if path.name != "NBD write via open export" and path.applies(fz.rig):
+                    fz.run_probe("write-path", path.name, functools.partial(_went, path, fz.rig))
             for sock in frig.nbd_sockets[:1]:
+                if fz.dead:
+                    break
                 fz.run_probe(
                     "nbd-client-write",
                     f"{sock.name} export=pre (opened before)",
@@ -1897,6 +1862,17 @@ def _run_fuzz(
             fz.report.calls.append(quit_check(frig))
     fz.report.elapsed = time.monotonic() - t0
     return fz.report
+
+
+def _went(path: WritePath, rig: Rig) -> bool:
+    """A table row as a fuzz probe: True when QEMU did not refuse it."""
+    try:
+        refused, _msg = path.attempt(rig)
+    except VMCommandError:
+        return False
+    except VMError:
+        return True  # QEMU died inside it: the next observation reports how
+    return not refused
 
 
 QUIT_TIMEOUT = 15.0
@@ -1961,7 +1937,7 @@ def _not_run(report: FuzzReport, items: Sequence[_Planned]) -> None:
 
 def fuzz_with_restarts(
     boot: Callable[[], contextlib.AbstractContextManager[FuzzRig]],
-    prepare: Callable[[FuzzRig], Callable[[checks.Rig], None] | None],
+    prepare: Callable[[FuzzRig], Callable[[Rig], None] | None],
     *,
     expect: str,
     budget_s: float = 240.0,
@@ -2011,7 +1987,7 @@ def fuzz_with_restarts(
     return merged
 
 
-def stock_restore(rig: checks.Rig) -> None:
+def stock_restore(rig: Rig) -> None:
     """Make a stock VM stopped with inactive nodes again (negative control).
 
     Jobs are cancelled and exports removed first: either keeps its node
@@ -2038,7 +2014,7 @@ def _del_exports(vm: VM) -> None:
         time.sleep(0.05)
 
 
-def stock_imitation(rig: checks.Rig) -> None:
+def stock_imitation(rig: Rig) -> None:
     """The best a stock QEMU can do: stop, links down, inactivate every node.
 
     A writable export keeps its node active (inactivation fails with EPERM),
@@ -2047,7 +2023,7 @@ def stock_imitation(rig: checks.Rig) -> None:
     vm = rig.vm
     vm.cmd("stop")
     vm.event_wait("STOP", 5)
-    for nic in (checks.NIC_ID, "nic1"):
+    for nic in (NIC_ID, "nic1"):
         with contextlib.suppress(VMCommandError):
             vm.cmd("set_link", {"name": nic, "up": False})
     _del_exports(vm)

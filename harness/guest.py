@@ -17,17 +17,26 @@ write the same records (see ``ProbeRecord``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
+import json
 import os
 import re
+import secrets
 import shutil
 import struct
 import subprocess
 import tempfile
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from harness import config
+from harness.rig import DEVICE_ID, DISK_NODE, NETDEV_ID, NIC_ID, Rig, create_image, guest_network
+from harness.vm import VM, VMError, system_binary
 
 PROBE_DIR = Path(__file__).resolve().parent / "probe"
 
@@ -339,3 +348,162 @@ def decode_sector(data: bytes) -> ProbeRecord | None:
         return None
     marker = data[24 : 24 + mlen].decode("ascii", errors="replace")
     return ProbeRecord(data[:8], counter, sector, ms, marker)
+
+
+# -- the probe as a rig --------------------------------------------------------
+
+#: The probe's RAM (pmemsave reads all of it).
+RAM_MB = 64
+#: blkdebug rules that make every write fail with EIO once the host has read
+#: from the device (HMP qemu-io), so the host chooses the moment: the probe
+#: only writes, and its writes come with flushes (no write cache negotiated),
+#: so neither writes nor flushes can serve as the switch.
+_BLKDEBUG_SET_STATE = [{"event": "read_aio", "state": 1, "new_state": 2}]
+_BLKDEBUG_INJECT = [{"event": "pwritev", "state": 2, "errno": 5, "once": False, "iotype": "write"}]
+
+
+def probe_args(
+    boot_args: Sequence[str],
+    image: Path,
+    disk_format: str,
+    *,
+    netdev: str,
+    actions: Mapping[str, str],
+    werror: str | None,
+    io_error_injection: bool,
+    share_rw: bool = True,
+) -> list[str]:
+    """QEMU arguments for the probe guest: legacy virtio-blk/net, pvpanic, ib700.
+
+    ``share_rw=False`` is what production has (libvirt's default): the
+    guest's device then takes the unshare-write lock byte too, so only a
+    real release lets a standby open the image; but no writable NBD export
+    of the same node can be added next to it.
+    """
+    file_node: dict[str, Any] = {"driver": "file", "filename": str(image)}
+    if io_error_injection:
+        file_node = {
+            "driver": "blkdebug",
+            "image": file_node,
+            "set-state": _BLKDEBUG_SET_STATE,
+            "inject-error": _BLKDEBUG_INJECT,
+        }
+    blockdev = {"driver": disk_format, "node-name": DISK_NODE, "file": file_node}
+    blk_dev = f"virtio-blk-pci,disable-modern=on,drive={DISK_NODE},id={DEVICE_ID}"
+    blk_dev += ",share-rw=on" if share_rw else ",share-rw=off"
+    if werror:
+        blk_dev += f",werror={werror}"
+    if io_error_injection:
+        # An explicit geometry spares QEMU its guessing read of sector 0 at
+        # startup, which would otherwise arm the read-triggered rule.
+        blk_dev += ",cyls=2,heads=16,secs=63"
+    args = [
+        "-machine",
+        "pc",
+        "-m",
+        str(RAM_MB),
+        *boot_args,
+        "-blockdev",
+        json.dumps(blockdev),
+        "-device",
+        blk_dev,
+        "-netdev",
+        netdev,
+        "-device",
+        f"virtio-net-pci,disable-modern=on,netdev={NETDEV_ID},id={NIC_ID},romfile=",
+        "-device",
+        "pvpanic",
+        "-device",
+        "ib700",
+    ]
+    for k, v in actions.items():
+        args += ["-action", f"{k}={v}"]
+    return args
+
+
+@contextlib.contextmanager
+def probe_rig(
+    prefix: Path,
+    workdir: Path,
+    *,
+    disk_format: str = "raw",
+    network: str = "user",
+    actions: Mapping[str, str] | None = None,
+    werror: str | None = None,
+    io_error_injection: bool = False,
+    accel: str = "kvm",
+    firmware_dirs: Sequence[Path] = (),
+    extra_args: Sequence[str] = (),
+    guest_options: Mapping[str, Any] | None = None,
+    first_record_timeout: float = 30.0,
+    log_dir: Path | None = None,
+    boot: str = "bios",
+    probe_cache: Path | None = None,
+    image_dir: Path | None = None,
+    share_rw: bool = True,
+) -> Iterator[Rig]:
+    """Boot the probe guest and wait for its first records; always tear down.
+
+    ``boot="bios"`` runs the probe as the firmware (first record in well
+    under a second on KVM here); ``"kernel"`` boots it through SeaBIOS as a
+    multiboot kernel (needs the firmware dirs, and is slow under emulation).
+    The disk image goes to ``image_dir`` when given (e.g. a filesystem to
+    unmount after the freeze), else to ``workdir``.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    images = build_probe_images(probe_cache or config.cache_root() / "probe")
+    image = (image_dir or workdir) / f"disk.{disk_format}"
+    create_image(prefix, image, disk_format)
+    marker = secrets.token_hex(8)
+    with contextlib.ExitStack() as stack:
+        net = stack.enter_context(guest_network(network))
+        cfg = ProbeConfig(marker=marker, **{**net.addresses, **(guest_options or {})})
+        if boot == "bios":
+            boot_args = cfg.bios_args(images.bios)
+        elif boot == "kernel":
+            boot_args = cfg.kernel_args(images.elf)
+        else:
+            raise ValueError(f"unknown boot mode {boot!r}")
+        args = probe_args(
+            boot_args,
+            image,
+            disk_format,
+            netdev=net.netdev,
+            actions=actions or {},
+            werror=werror,
+            io_error_injection=io_error_injection,
+            share_rw=share_rw,
+        )
+        vm = VM(
+            system_binary(prefix),
+            [*args, *extra_args],
+            name="probe",
+            log_dir=log_dir or workdir / "vm",
+            accel=accel,
+            firmware_dirs=firmware_dirs,
+            pass_fds=net.fds,
+        )
+        stack.enter_context(vm)
+        net.close_fds()  # QEMU holds its own copy of the tap fd now
+        rig = Rig(
+            vm,
+            prefix,
+            workdir,
+            image,
+            disk_format,
+            network,
+            marker,
+            net.listener,
+            net.capture,
+            net.tap,
+            accel=accel,
+            bios=images.bios,
+            ram_mb=RAM_MB,
+            share_rw=share_rw,
+        )
+        try:
+            rig.wait_record(1, first_record_timeout)
+        except VMError:
+            vm.mark_failed()
+            raise
+        yield rig

@@ -27,7 +27,6 @@ import ctypes
 import fcntl
 import json
 import os
-import re
 import secrets
 import select
 import shutil
@@ -44,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import build, config, guest, netns
+from harness.lifecycle import Started
+from harness.rig import console_records
 from harness.vm import qemu_tool, system_binary
 
 #: libvirt-python release matching the pinned libvirt
@@ -357,7 +358,7 @@ def _supervise(spec_json: str) -> int:
 
 
 @dataclass
-class Virtqemud:
+class Virtqemud(Started):
     """A private virtqemud; a context manager that always ends what it started.
 
     ``uri`` is what virsh, libvirt-python and the resource agent connect to.
@@ -386,17 +387,6 @@ class Virtqemud:
     @property
     def uri(self) -> str:
         return self.run.uri
-
-    def __enter__(self) -> Virtqemud:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # supervisor plumbing
 
@@ -703,12 +693,12 @@ class Console:
         self.close()
 
 
-RECORD_RX = re.compile(rb"^record (\d+) blk=(\w+) net=(\w+)", re.M)
-
-
 @dataclass
 class ProbeGuest:
-    """A probe domain's files and its host side: disk, listener, console."""
+    """A probe domain's files and its host side: disk, listener, console.
+
+    The libvirt implementation of the rig protocol (``rig.GuestRig``).
+    """
 
     domain: ProbeDomain
     marker: str
@@ -725,8 +715,11 @@ class ProbeGuest:
         except FileNotFoundError:
             return b""
 
+    def console_text(self) -> str:
+        return self.console_bytes().decode(errors="replace")
+
     def records(self) -> list[int]:
-        return [int(m.group(1)) for m in RECORD_RX.finditer(self.console_bytes())]
+        return [r.counter for r in console_records(self.console_bytes())]
 
     def last_record(self) -> int:
         recs = self.records()
@@ -747,10 +740,13 @@ class ProbeGuest:
                 )
             time.sleep(0.05)  # poll interval on the console log
 
-    def command(self, byte: bytes) -> None:
+    def disk_view(self) -> bytes:
+        return self.domain.disk.read_bytes()  # raw: the guest's view
+
+    def command(self, c: bytes) -> None:
         """Send one probe command byte (see harness.guest CMD_*)."""
         with Console(self.domain.console) as con:
-            con.write(byte)
+            con.write(c)
 
 
 @contextlib.contextmanager

@@ -25,21 +25,26 @@ payloads, console lines and the RAM tags are exactly the probe's (see
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
+import json
 import lzma
 import os
 import re
+import secrets
 import shutil
 import struct
 import subprocess
 import tempfile
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness import config, guest
+from harness.rig import DEVICE_ID, DISK_NODE, NETDEV_ID, NIC_ID, Rig, create_image, guest_network
+from harness.vm import VM, system_binary
 
 #: The pinned packages: (name, version, sha256 of the .deb).
 KERNEL_PACKAGE = (
@@ -754,3 +759,114 @@ def _images(final: Path) -> LinuxImages | None:
     if vmlinux.is_file():
         return LinuxImages(vmlinux, initrd, bzimage, "pvh")
     return LinuxImages(bzimage, initrd, bzimage, "bzimage")
+
+
+# -- the Linux guest as a rig --------------------------------------------------
+
+#: The Linux guest's RAM (pmemsave reads all of it).
+RAM_MB = 128
+#: TCG on a shared 2-core machine takes ~4-15 s to the first record.
+FIRST_RECORD_TIMEOUT = 90.0
+
+
+def linux_args(
+    images: LinuxImages,
+    cfg: LinuxConfig,
+    image: Path,
+    disk_format: str,
+    actions: Mapping[str, str],
+    netdev: str,
+) -> list[str]:
+    """Modern virtio-blk/net (Linux drivers), ISA pvpanic (ACPI QEMU0001), i6300esb."""
+    blockdev = {
+        "driver": disk_format,
+        "node-name": DISK_NODE,
+        "file": {"driver": "file", "filename": str(image)},
+    }
+    args = [
+        "-machine",
+        "pc",
+        "-m",
+        str(RAM_MB),
+        "-smp",
+        "1",
+        *images.boot_args(cfg),
+        "-blockdev",
+        json.dumps(blockdev),
+        # share-rw: the writable NBD export of attempts.prepare_write_paths.
+        "-device",
+        f"virtio-blk-pci,drive={DISK_NODE},id={DEVICE_ID},share-rw=on",
+        "-netdev",
+        netdev,
+        "-device",
+        f"virtio-net-pci,netdev={NETDEV_ID},id={NIC_ID},romfile=",
+        "-device",
+        "pvpanic",
+        "-device",
+        "i6300esb",
+    ]
+    for k, v in actions.items():
+        args += ["-action", f"{k}={v}"]
+    return args
+
+
+@contextlib.contextmanager
+def linux_rig(
+    prefix: Path,
+    workdir: Path,
+    *,
+    disk_format: str = "raw",
+    network: str = "user",
+    actions: Mapping[str, str] | None = None,
+    accel: str = "tcg",
+    firmware_dirs: Sequence[Path] = (),
+    log_dir: Path | None = None,
+    first_record_timeout: float = FIRST_RECORD_TIMEOUT,
+) -> Iterator[Rig]:
+    """Boot the Linux guest and wait for its first record (as guest.probe_rig).
+
+    ``network``: as rig.guest_network (``user`` or ``tap``).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    images = build_linux_guest()
+    # Firmware for the standby QEMU (it never runs, so any will do).
+    standby_bios = guest.build_probe_images(config.cache_root() / "probe").bios
+    image = workdir / f"disk.{disk_format}"
+    create_image(prefix, image, disk_format)
+    marker = secrets.token_hex(8)
+    with guest_network(network) as net:
+        cfg = LinuxConfig(marker=marker, **net.addresses)
+        vm = VM(
+            system_binary(prefix),
+            linux_args(images, cfg, image, disk_format, actions or {}, net.netdev),
+            name="linux",
+            log_dir=log_dir or workdir / "vm",
+            accel=accel,
+            firmware_dirs=firmware_dirs,
+            pass_fds=net.fds,
+        )
+        with vm:
+            net.close_fds()  # QEMU holds its own copy of the tap fd now
+            rig = Rig(
+                vm,
+                prefix,
+                workdir,
+                image,
+                disk_format,
+                network,
+                marker,
+                net.listener,
+                net.capture,
+                net.tap,
+                accel=accel,
+                bios=standby_bios,
+                ram_mb=RAM_MB,
+                paged=True,
+                record_timeout=10.0,
+            )
+            try:
+                rig.wait_record(1, first_record_timeout)
+            except BaseException:
+                vm.mark_failed()
+                raise
+            yield rig

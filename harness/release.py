@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.checks import run_tool
+from harness.rig import run_tool
 from harness.vm import VM, VMCommandError, VMTimeout
 
 TUN_DEVICE = "/dev/net/tun"

@@ -9,7 +9,6 @@ line sums them, and the exit status is non-zero if anything failed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import build, config, gates, patches, qemu_suites
+from harness import build, config, gates, patches, pipeline, qemu_suites
 from harness.progress import say
 
 #: Time each project's bisect build may take within `frozen test`.
@@ -30,6 +29,17 @@ BISECT_BUDGET_S = 15 * 60
 SUITES_BUDGET_S = 8 * 60
 #: QEMU's in-tree tests that the series adds (meson test names).
 QEMU_IN_TREE_TESTS = ("qtest-x86_64/frozen-test", "func-x86_64-frozen")
+
+
+@dataclass
+class Options:
+    """What `frozen test` was asked for (the command line parses it)."""
+
+    partial: bool = False
+    jobs: int | None = None
+    force: bool = False
+    #: project -> a local tarball or git tree to use as its base
+    local: dict[str, Path | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,14 +182,12 @@ def stage_pytest(suite: Suite, name: str, path: Path, env: dict[str, str]) -> No
     suite.record(name, counts, start)
 
 
-def stage_builds(suite: Suite, args: argparse.Namespace) -> dict[tuple[str, str], build.Install]:
-    from harness.cli import build_all
-
+def stage_builds(suite: Suite, opts: Options) -> pipeline.Installs:
     start = time.monotonic()
     results = []
     installs: dict[tuple[str, str], build.Install] = {}
     try:
-        installs = build_all(args)
+        installs = pipeline.build_all(local=opts.local, force=opts.force, jobs=opts.jobs)
         for (project, variant), install in installs.items():
             results.append(
                 gates.GateResult("build", f"{project}-{variant}", True, str(install.prefix))
@@ -193,7 +201,7 @@ def stage_builds(suite: Suite, args: argparse.Namespace) -> dict[tuple[str, str]
     return installs
 
 
-def stage_gates(suite: Suite, args: argparse.Namespace) -> None:
+def stage_gates(suite: Suite, opts: Options) -> None:
     """The maintainer's gates on every series (`frozen check` runs the same).
 
     The bisect build of each project gets BISECT_BUDGET_S (override with
@@ -213,8 +221,8 @@ def stage_gates(suite: Suite, args: argparse.Namespace) -> None:
                 results += gates.run_gate(
                     project,
                     gate,
-                    local=getattr(args, f"{project}_src", None),
-                    jobs=args.jobs,
+                    local=opts.local.get(project),
+                    jobs=opts.jobs,
                     deadline=time.monotonic() + budget,
                 )
             except (build.BuildError, patches.PatchError, patches.SeriesError) as exc:
@@ -228,7 +236,7 @@ def stage_gates(suite: Suite, args: argparse.Namespace) -> None:
     suite.record("gates", junit_counts(junit), start)
 
 
-def stage_qemu_suites(suite: Suite, args: argparse.Namespace) -> None:
+def stage_qemu_suites(suite: Suite, opts: Options) -> None:
     """QEMU's qtest-x86_64 suite and iotests, stock against frozen.
 
     Gets SUITES_BUDGET_S ($FROZEN_SUITES_BUDGET); results are cached per
@@ -240,8 +248,8 @@ def stage_qemu_suites(suite: Suite, args: argparse.Namespace) -> None:
         results = gates.run_gate(
             "qemu",
             "qemu-suites",
-            local=args.qemu_src,
-            jobs=args.jobs,
+            local=opts.local.get("qemu"),
+            jobs=opts.jobs,
             deadline=time.monotonic() + budget,
         )
     except (build.BuildError, patches.PatchError, patches.SeriesError) as exc:
@@ -403,7 +411,7 @@ def stage_functional(suite: Suite, env: dict[str, str]) -> None:
         counts.failed += 1
         counts.failures.append(f"avocado exited {rc}")
     not_run = not_run_tests(job_dir / "latest" / "results.json")
-    if env.get("FROZEN_PARTIAL", "") not in ("", "0"):
+    if env.get(config.PARTIAL_ENV, "") not in ("", "0"):
         suite.not_proven += [f"{name}: {why}" for name, why in not_run]
     elif not_run:
         counts.skipped -= len(not_run)
@@ -412,14 +420,14 @@ def stage_functional(suite: Suite, env: dict[str, str]) -> None:
     suite.record("functional", counts, start)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(opts: Options) -> int:
     suite = Suite(config.cache_root() / "results" / time.strftime("%Y%m%d-%H%M%S"))
     env = dict(os.environ)
-    if getattr(args, "partial", False):
-        env["FROZEN_PARTIAL"] = "1"
+    if opts.partial:
+        env[config.PARTIAL_ENV] = "1"
     stage_lint(suite)
     stage_pytest(suite, "unit", config.repo_root() / "tests" / "unit", env)
-    installs = stage_builds(suite, args)
+    installs = stage_builds(suite, opts)
     for (project, variant), install in installs.items():
         suffix = "" if variant == "frozen" else "_STOCK"
         env[f"FROZEN_{project.upper()}{suffix}"] = str(install.prefix)
@@ -429,7 +437,27 @@ def run(args: argparse.Namespace) -> int:
         stage_functional(suite, env)
         stage_qemu_in_tree(suite, installs.get(("qemu", "frozen")))
         stage_libvirt_in_tree(suite, installs.get(("libvirt", "frozen")))
-        stage_gates(suite, args)
-        stage_qemu_suites(suite, args)
+        stage_gates(suite, opts)
+        stage_qemu_suites(suite, opts)
     print(suite.summary())
     return 0 if suite.total.failed == 0 and suite.total.passed > 0 else 1
+
+
+def latest_test_summary() -> str:
+    """Per-stage counts of the newest `frozen test` run here, for the cover letter."""
+    root = config.cache_root() / "results"
+    runs = (
+        sorted(p for p in root.glob("*") if p.is_dir() and any(p.glob("*.xml")))
+        if root.is_dir()
+        else []
+    )
+    if not runs:
+        return ""
+    lines = [f"`frozen test` results of run {runs[-1].name} on the exporting machine:"]
+    for xml in sorted(runs[-1].glob("*.xml")):
+        counts = junit_counts(xml)
+        lines.append(
+            f"- {xml.stem}: {counts.passed} passed, {counts.failed} failed, "
+            f"{counts.skipped} skipped"
+        )
+    return "\n".join(lines) + "\n"

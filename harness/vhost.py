@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.lifecycle import Started
 from harness.vm import qemu_tool
 
 READY_TIMEOUT = 30.0
@@ -30,7 +31,7 @@ class BackendError(Exception):
 
 
 @dataclass
-class Backend:
+class Backend(Started):
     """A backend process serving a vhost-user socket."""
 
     argv: list[str]
@@ -38,21 +39,13 @@ class Backend:
     log: Path
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
-    def __enter__(self) -> Backend:
+    def start(self) -> None:
         self.socket.unlink(missing_ok=True)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._wait_ready()
 
     @property
     def pid(self) -> int:

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from harness import checks, netns  # noqa: E402
+from harness import config, guest, netns, verdict  # noqa: E402
+from harness.rig import Rig  # noqa: E402
 from harness.vm import system_binary  # noqa: E402
 
 #: Where Debian keeps the firmware when the prefix has none of its own.
@@ -51,11 +52,11 @@ def require_prefix(test: Test, variable: str, what: str) -> Path:
 
 def not_proven(test: Test, why: str) -> None:
     """What this host cannot prove: FAIL, or CANCEL in an explicit partial run."""
-    if checks.partial_run():
+    if config.partial_run():
         test.cancel(f"not proven (partial run): {why}")
     test.fail(
         f"{why}; for a partial run that reports this as not proven, "
-        f"set {checks.PARTIAL_ENV}=1 (frozen test --partial)"
+        f"set {config.PARTIAL_ENV}=1 (frozen test --partial)"
     )
 
 
@@ -70,12 +71,14 @@ def need_network(test: Test, network: str) -> None:
         not_proven(test, f"tap networking needs a network namespace: {why}")
 
 
-def assert_frozen(test: Test, r: checks.FreezeResult, what: str, accel: str, soak_s: float) -> None:
+def assert_frozen(
+    test: Test, r: verdict.FreezeResult, what: str, accel: str, soak_s: float
+) -> None:
     """Every promise of the frozen state, for the result of one trigger."""
     why = "; ".join(r.details)
     test.assertEqual(r.accelerator, accel)
     test.assertEqual(r.status, "frozen", why)
-    test.assertEqual(r.reason, checks.REASONS[what], why)
+    test.assertEqual(r.reason, verdict.REASONS[what], why)
     test.assertEqual(r.frozen_events, 1, why)
     test.assertTrue(r.memory_kept, why)
     test.assertTrue(r.records_on_disk, why)
@@ -94,7 +97,7 @@ def assert_frozen(test: Test, r: checks.FreezeResult, what: str, accel: str, soa
     test.assertGreaterEqual(r.soak_rounds, 1, why)
 
 
-def assert_control_red(test: Test, r: checks.FreezeResult, what: str) -> None:
+def assert_control_red(test: Test, r: verdict.FreezeResult, what: str) -> None:
     """A negative control: the checks the frozen state must pass, red on stock.
 
     Stock QEMU was paused (``stop``, ``-action ...=pause``, ``werror=stop``,
@@ -145,10 +148,10 @@ class FrozenTest(Test):
         self.work = Path(self.workdir)
         self.fw = firmware_dirs(self.prefix)
 
-    def rig(self, **kwargs: Any) -> AbstractContextManager[checks.Rig]:
-        """Boot the probe guest on this test's QEMU (see checks.probe_rig)."""
+    def rig(self, **kwargs: Any) -> AbstractContextManager[Rig]:
+        """Boot the probe guest on this test's QEMU (see guest.probe_rig)."""
         need_network(self, kwargs.get("network", "user"))
-        return checks.probe_rig(
+        return guest.probe_rig(
             self.prefix,
             self.work / "rig",
             firmware_dirs=self.fw,

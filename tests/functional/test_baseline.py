@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from frozen_test import FrozenTest
 
-from harness import checks, guest
+from harness import attempts, guest, observe
+from harness.rig import DISK_NODE, Rig, create_image
 
 
 class StockBaseline(FrozenTest):
@@ -17,7 +18,7 @@ class StockBaseline(FrozenTest):
     prefix_variable = "FROZEN_QEMU_STOCK"
     what = "unpatched (stock) QEMU"
 
-    def _assert_resumes(self, rig: checks.Rig, stopped_status: str) -> None:
+    def _assert_resumes(self, rig: Rig, stopped_status: str) -> None:
         vm = rig.vm
         self.assertEqual(vm.status(), stopped_status)
         last = rig.last_record()
@@ -40,7 +41,7 @@ class StockBaseline(FrozenTest):
     def test_cont_resumes_guest_panicked(self) -> None:
         with self.rig(actions={"panic": "pause"}) as rig:
             rig.wait_record(3, 10)
-            rig.guest_command(guest.CMD_PANIC)
+            rig.command(guest.CMD_PANIC)
             ev = rig.vm.event_wait("GUEST_PANICKED", 10)
             self.assertEqual(ev["data"]["action"], "pause")
             self._assert_resumes(rig, "guest-panicked")
@@ -48,7 +49,7 @@ class StockBaseline(FrozenTest):
     def test_cont_resumes_watchdog_stopped(self) -> None:
         with self.rig(actions={"watchdog": "pause"}) as rig:
             rig.wait_record(3, 10)
-            rig.guest_command(guest.CMD_WATCHDOG)
+            rig.command(guest.CMD_WATCHDOG)
             ev = rig.vm.event_wait("WATCHDOG", 15)
             self.assertEqual(ev["data"]["action"], "pause")
             self._assert_resumes(rig, "watchdog")
@@ -60,7 +61,7 @@ class StockBaseline(FrozenTest):
             vm.cmd("stop")
             vm.event_wait("STOP", 5)
             target = self.work / "backup.raw"
-            checks.create_image(self.prefix, target, "raw")
+            create_image(self.prefix, target, "raw")
             vm.cmd(
                 "blockdev-add",
                 {
@@ -71,13 +72,13 @@ class StockBaseline(FrozenTest):
             )
             vm.cmd(
                 "blockdev-backup",
-                {"job-id": "b0", "device": checks.DISK_NODE, "target": "tgt0", "sync": "full"},
+                {"job-id": "b0", "device": DISK_NODE, "target": "tgt0", "sync": "full"},
             )
             ev = vm.event_wait("BLOCK_JOB_COMPLETED", 30, match={"data": {"device": "b0"}})
             self.assertNotIn("error", ev["data"])
             self.assertEqual(vm.status(), "paused")
             # The job wrote the guest's records into another image while paused.
-            copied = checks.parse_records(target.read_bytes(), rig.marker)
+            copied = observe.parse_records(target.read_bytes(), rig.marker)
             self.assertGreaterEqual(len(copied), 3, "backup target holds no probe records")
 
     def test_nbd_export_writes_while_paused(self) -> None:
@@ -86,7 +87,7 @@ class StockBaseline(FrozenTest):
             rig.wait_record(3, 10)
             vm.cmd("stop")
             vm.event_wait("STOP", 5)
-            before = checks.file_digest(rig.image)
+            before = observe.file_digest(rig.image)
             sock = vm.paths.sock_dir / "nbd.sock"
             vm.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
             vm.cmd(
@@ -94,16 +95,16 @@ class StockBaseline(FrozenTest):
                 {
                     "type": "nbd",
                     "id": "e0",
-                    "node-name": checks.DISK_NODE,
+                    "node-name": DISK_NODE,
                     "name": "e0",
                     "writable": True,
                 },
             )
-            ok, text = checks.nbd_client_write(self.prefix, sock, "e0")
+            ok, text = attempts.nbd_client_write(self.prefix, sock, "e0")
             self.assertTrue(ok, f"NBD write was not accepted: {text}")
             self.assertEqual(vm.status(), "paused")
-            self.assertNotEqual(checks.file_digest(rig.image), before)
-            off = checks.NBD_WRITE_OFFSET
+            self.assertNotEqual(observe.file_digest(rig.image), before)
+            off = attempts.NBD_WRITE_OFFSET
             self.assertEqual(rig.image.read_bytes()[off : off + 4096], b"\x5a" * 4096)
 
     def test_set_active_false_then_cont_reactivates(self) -> None:
@@ -112,16 +113,20 @@ class StockBaseline(FrozenTest):
             rig.wait_record(3, 10)
             vm.cmd("stop")
             vm.event_wait("STOP", 5)
-            opened, text = rig.standby_opens_rw()
-            self.assertFalse(opened, f"image was not locked by a paused QEMU: {text}")
+            standby = observe.standby_opens_rw(rig)
+            self.assertFalse(
+                standby.opened, f"image was not locked by a paused QEMU: {standby.text}"
+            )
             vm.cmd("blockdev-set-active", active=False)
-            opened, text = rig.standby_opens_rw()
-            self.assertTrue(opened, f"lock not released after set-active false: {text}")
+            standby = observe.standby_opens_rw(rig)
+            self.assertTrue(
+                standby.opened, f"lock not released after set-active false: {standby.text}"
+            )
             vm.cmd("cont")
             vm.event_wait("RESUME", 5)
             self.assertEqual(vm.status(), "running")
             # cont silently re-activated the node: the lock is back, writes go on.
-            opened, text = rig.standby_opens_rw()
-            self.assertFalse(opened, f"lock not re-taken after cont: {text}")
+            standby = observe.standby_opens_rw(rig)
+            self.assertFalse(standby.opened, f"lock not re-taken after cont: {standby.text}")
             last = rig.last_record()
             self.assertGreater(rig.wait_record(last + 2, 10), last)

@@ -1,7 +1,7 @@
 """The frozen state on KVM: every trigger, verified the same way.
 
 Each test boots the probe guest on the PATCHED QEMU, freezes it through one
-trigger and checks (harness.checks.verify_frozen): status ``frozen``, one
+trigger and checks (harness.scenario.verify_frozen): status ``frozen``, one
 FROZEN event with the right reason, marker and last counter in pmemsave and
 dump-guest-memory, completed records on disk, then a 30 s soak in which
 every write path is tried and the cheap ones retried until its end while the
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from frozen_test import FrozenTest, assert_frozen
 
-from harness import checks
+from harness import report, scenario
 
 #: Every trigger soaks this long, timed from the end of the memory checks
 #: (the write attempts run inside it, then the retries go on until its end).
-SOAK_S = checks.SOAK_S
+SOAK_S = scenario.SOAK_S
 
 
 class Freeze(FrozenTest):
@@ -43,18 +43,18 @@ class Freeze(FrozenTest):
             disk_format=disk_format,
             network=network,
             share_rw=share_rw,
-            actions={} if runtime_action else checks.trigger_actions(what),
+            actions={} if runtime_action else scenario.trigger_actions(what),
             werror="freeze" if what == "io-error" else None,
             io_error_injection=what == "io-error",
         ) as rig:
             try:
                 if runtime_action:
                     rig.vm.cmd(runtime_action[0], runtime_action[1])
-                r = checks.verify_frozen(rig, what, soak_s)
+                r = scenario.verify_frozen(rig, what, soak_s)
             except BaseException:
                 rig.vm.mark_failed()
                 raise
-        self.log.info("%s", checks.format_table([r]))
+        self.log.info("%s", report.format_table([r]))
         for line in r.details:
             self.log.info("%s", line)
         for a in r.attempts:
@@ -68,8 +68,33 @@ class Freeze(FrozenTest):
             )
         assert_frozen(self, r, what, "kvm", soak_s)
 
-    def test_qmp_freeze_raw_user(self) -> None:
-        self._scenario("qmp", "raw", "user", SOAK_S)
+    def _row(self, what: str) -> None:
+        """One row of scenario.MATRIX, the rows `frozen verify` runs."""
+        row = scenario.matrix_row(what)
+        action = None
+        if row.action_via == "qmp":
+            action = ("set-action", scenario.trigger_actions(what))
+        self._scenario(what, row.disk_format, row.network, SOAK_S, action)
+
+    # -- the matrix (the same rows as `frozen verify`; a unit test checks it)
+
+    def test_matrix_qmp(self) -> None:
+        self._row("qmp")
+
+    def test_matrix_panic(self) -> None:
+        self._row("panic")
+
+    def test_matrix_watchdog(self) -> None:
+        self._row("watchdog")
+
+    def test_matrix_io_error(self) -> None:
+        self._row("io-error")
+
+    def test_matrix_internal_error(self) -> None:
+        """The action set over QMP (set-action) on a running VM."""
+        self._row("internal-error")
+
+    # -- beyond the matrix
 
     def test_qmp_freeze_nbd_rig_raw_user(self) -> None:
         """The NBD rig: share-rw=on and a writable export open at the freeze,
@@ -79,12 +104,6 @@ class Freeze(FrozenTest):
     def test_qmp_freeze_qcow2_tap(self) -> None:
         self._scenario("qmp", "qcow2", "tap", SOAK_S)
 
-    def test_guest_panic_qcow2_user(self) -> None:
-        self._scenario("panic", "qcow2", "user", SOAK_S)
-
-    def test_watchdog_raw_tap(self) -> None:
-        self._scenario("watchdog", "raw", "tap", SOAK_S)
-
     def test_watchdog_set_at_runtime_qcow2_user(self) -> None:
         """The action set over QMP (watchdog-set-action) on a running VM."""
         action = ("watchdog-set-action", {"action": "freeze"})
@@ -93,9 +112,6 @@ class Freeze(FrozenTest):
     def test_guest_panic_set_action_raw_tap(self) -> None:
         """The action set over QMP (set-action) on a running VM."""
         self._scenario("panic", "raw", "tap", SOAK_S, ("set-action", {"panic": "freeze"}))
-
-    def test_io_error_qcow2_tap(self) -> None:
-        self._scenario("io-error", "qcow2", "tap", SOAK_S)
 
     def test_internal_error_raw_user(self) -> None:
         """-action internal-error=freeze on the command line."""

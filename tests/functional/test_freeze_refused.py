@@ -25,7 +25,7 @@ from pathlib import Path
 
 from frozen_test import FrozenTest
 
-from harness import checks
+from harness.rig import create_image
 from harness.vm import VM, system_binary
 
 REPLAY_REFUSED = "The VM cannot be frozen while record/replay is enabled"
@@ -77,7 +77,7 @@ class FreezeRefused(FrozenTest):
     def test_record_replay(self) -> None:
         """``freeze`` of a replayed VM fails, names why, and aborts nothing."""
         image = self.work / "rr.qcow2"
-        checks.create_image(self.prefix, image, "qcow2")
+        create_image(self.prefix, image, "qcow2")
         logs = Path(self.logdir)
         with self._replay_vm("record", image, logs / "record") as vm:
             vm.wait_for_console(NO_BOOT_DEVICE, 60)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from frozen_test import FrozenTest
 
-from harness import checks, vhost
+from harness import vhost
+from harness.rig import create_image
 from harness.vm import VM, system_binary
 
 SEABIOS_BANNER = r"SeaBIOS \(version"
@@ -77,7 +78,7 @@ class Unseverable(FrozenTest):
 
     def _blk_backend(self, name: str) -> vhost.Backend:
         image = self.work / f"{name}.raw"
-        checks.create_image(self.prefix, image, "raw")
+        create_image(self.prefix, image, "raw")
         return vhost.vhost_user_blk(
             self.prefix, image, self.sock_dir / f"{name}.sock", Path(self.logdir) / f"{name}.log"
         )
@@ -205,7 +206,7 @@ class Unseverable(FrozenTest):
     def test_startup_with_a_freeze_action(self) -> None:
         """-action watchdog=freeze or werror=freeze with a vhost-user disk: QEMU exits."""
         drive = self.work / "d0.raw"
-        checks.create_image(self.prefix, drive, "raw")
+        create_image(self.prefix, drive, "raw")
         cases = {
             "watchdog": ["-action", "watchdog=freeze"],
             "werror/rerror": ["-drive", f"file={drive},format=raw,if=none,id=d0,werror=freeze"],

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from frozen_test import FrozenTest
 
-from harness import checks, fuzz
+from harness import fuzz
+from harness.rig import Rig
 
 #: Per run, QMP and HMP together; the test timeout leaves room for boot and
 #: teardown.
@@ -49,7 +50,7 @@ class _FuzzTest(FrozenTest):
                 log_dir=Path(self.logdir) / f"vm{i}",
             )
 
-        def prepare(frig: fuzz.FuzzRig) -> Callable[[checks.Rig], None] | None:
+        def prepare(frig: fuzz.FuzzRig) -> Callable[[Rig], None] | None:
             frig.rig.wait_record(3, 10)
             if expect == "frozen":
                 frig.rig.vm.cmd("freeze")

@@ -2,11 +2,11 @@
 
 A check that cannot fail proves nothing. Each test boots the probe on the
 UNPATCHED QEMU with the same disk/network as the frozen proof of that trigger
-(checks.VERIFY_MATRIX), pauses it the stock way -- ``stop``, ``-action
+(scenario.MATRIX), pauses it the stock way -- ``stop``, ``-action
 panic=pause``/``watchdog=pause``, ``werror=stop``, or stock's own stop on a
 KVM internal error -- then does what an operator can script today (close the
 export, ``set_link off``, ``blockdev-set-active false``), and runs the very
-same verification as test_freeze (checks.verify_frozen, control=True).
+same verification as test_freeze (scenario.verify_frozen, control=True).
 
 It must report: ``cont`` accepted and the console printing new records, bytes
 written after the pause, the standby unable to take the lock (cont
@@ -24,7 +24,7 @@ from unittest import mock
 
 from frozen_test import FrozenTest, assert_control_red, need_network
 
-from harness import checks
+from harness import attempts, report, scenario, verdict
 from harness.vm import VM
 
 
@@ -35,20 +35,21 @@ class NegativeControl(FrozenTest):
     what = "unpatched (stock) QEMU"
 
     def _control(self, what: str) -> None:
-        fmt, network, _via = checks.VERIFY_MATRIX[what]
-        need_network(self, network)
-        r = checks.freeze_scenario(
+        row = scenario.matrix_row(what)
+        need_network(self, row.network)
+        r = scenario.freeze_scenario(
             self.prefix,
             self.work / "rig",
             what,
-            disk_format=fmt,
-            network=network,
-            soak_s=checks.CONTROL_SOAK_S,
+            disk_format=row.disk_format,
+            network=row.network,
+            action_via=row.action_via,
+            soak_s=scenario.CONTROL_SOAK_S,
             firmware_dirs=self.fw,
             control=True,
             log_dir=Path(self.logdir) / "vm",
         )
-        self.log.info("%s", checks.format_table([r]))
+        self.log.info("%s", report.format_table([r]))
         for line in r.details:
             self.log.info("%s", line)
         assert_control_red(self, r, what)
@@ -83,20 +84,20 @@ class QemuDiesDuringAttempt(FrozenTest):
             vm.wait_for_exit(10)
             return True, f"status after the kill: {vm.status()}"  # raises VMDied
 
-        with mock.patch.object(checks, "_hmp_io_write_refused", killed):
-            rows = checks.verify_all(
+        with mock.patch.object(attempts, "_hmp_io_write_refused", killed):
+            rows = scenario.verify_all(
                 self.prefix,
                 self.work / "verify",
                 triggers=("qmp",),
-                soak_s=checks.CONTROL_SOAK_S,
+                soak_s=scenario.CONTROL_SOAK_S,
                 firmware_dirs=self.fw,
             )
-        table = checks.format_table(rows)
+        table = report.format_table(rows)
         self.log.info("%s", table)
         for line in rows[0].details:
             self.log.info("%s", line)
         r = rows[0]
-        self.assertEqual(checks.verdict(r), "FAIL", table)
+        self.assertEqual(verdict.verdict(r), "FAIL", table)
         io = next(a for a in r.attempts if a.name == "hmp qemu-io write")
         self.assertFalse(io.alive, io.message)
         self.assertIn("VMDied", io.message)

@@ -25,21 +25,22 @@ from typing import Any
 
 from frozen_test import FrozenTest, need_network
 
-from harness import checks, guest, release
+from harness import guest, observe, release, verdict
+from harness.rig import DEVICE_ID, DISK_NODE, NETDEV_ID, Rig, create_image
 
 #: What a freeze through QMP reports as its reason.
-QMP_REASON = checks.REASONS["qmp"]
+QMP_REASON = verdict.REASONS["qmp"]
 
 
-def marker_kept(rig: checks.Rig, workdir: Path) -> tuple[bool, dict[str, bool]]:
+def marker_kept(rig: Rig, workdir: Path) -> tuple[bool, dict[str, bool]]:
     """The marker in pmemsave and dump-guest-memory (files written to ``workdir``)."""
-    found = checks.memory_has(rig.vm, workdir, [guest.marker_tag(rig.marker)], ram_mb=rig.ram_mb)
+    found = observe.memory_has(rig.vm, workdir, [guest.marker_tag(rig.marker)], ram_mb=rig.ram_mb)
     kept = [v for k, v in found.items() if k.startswith(("pmemsave:", "dump-guest-memory:"))]
     return len(kept) == 2 and all(kept), found
 
 
 @contextlib.contextmanager
-def loop_rig(test: FrozenTest, **kwargs: Any) -> Iterator[tuple[release.LoopMount, checks.Rig]]:
+def loop_rig(test: FrozenTest, **kwargs: Any) -> Iterator[tuple[release.LoopMount, Rig]]:
     """The probe with its disk image on a loop-mounted ext4 in the test's dir.
 
     The VM is torn down before the filesystem is unmounted and detached,
@@ -68,11 +69,11 @@ def wait_detached(device: str, timeout: float = 3.0) -> bool:
 class Release(FrozenTest):
     """:avocado: enable"""
 
-    def _assert_alive_frozen(self, rig: checks.Rig, why: str) -> None:
+    def _assert_alive_frozen(self, rig: Rig, why: str) -> None:
         self.assertTrue(rig.vm.is_running(), f"QEMU exited: {why}")
         self.assertEqual(rig.vm.status(), "frozen", why)
 
-    def _assert_quits(self, rig: checks.Rig) -> None:
+    def _assert_quits(self, rig: Rig) -> None:
         rig.vm.cmd("quit")
         self.assertEqual(rig.vm.wait_for_exit(10), 0, "quit after the freeze did not exit 0")
 
@@ -123,7 +124,7 @@ class Release(FrozenTest):
         """A qcow2-over-blkdebug disk whose flushes fail cannot be inactivated:
         freeze says so by name everywhere, and the probe's disk is closed."""
         failing = self.work / "failing.qcow2"
-        checks.create_image(self.prefix, failing, "qcow2")
+        create_image(self.prefix, failing, "qcow2")
         args = release.flush_error_disk_args(failing)
         with self.rig(disk_format="qcow2", extra_args=args) as rig:
             vm = rig.vm
@@ -166,8 +167,8 @@ class Release(FrozenTest):
                 )
                 # The healthy disk is released: closed, no node, no medium.
                 self.assertEqual(after.image_fds["disk0"], [], why)
-                self.assertNotIn(checks.DISK_NODE, after.nodes, why)
-                self.assertIsNone(after.media.get(checks.DEVICE_ID), why)
+                self.assertNotIn(DISK_NODE, after.nodes, why)
+                self.assertIsNone(after.media.get(DEVICE_ID), why)
                 # The report is true: the unreleased node is still open.
                 self.assertIn(release.FAILING_NODE, after.nodes, why)
                 self.assertTrue(after.image_fds[release.FAILING_NODE], why)
@@ -177,7 +178,7 @@ class Release(FrozenTest):
                 vm.mark_failed()
                 raise
 
-    def _assert_kept_and_quits(self, rig: checks.Rig, why: str, kept: bool, found: Any) -> None:
+    def _assert_kept_and_quits(self, rig: Rig, why: str, kept: bool, found: Any) -> None:
         """Still alive and frozen, the marker in memory, and a clean quit."""
         self._assert_alive_frozen(rig, why)
         self.assertTrue(kept, f"marker not in the memory dumps: {found}")
@@ -200,8 +201,8 @@ class Release(FrozenTest):
                 before = release.holdings(vm, image)
                 self.log.info("before freeze: %s", before.describe())
                 self.assertTrue(before.image_fds["disk0"], before.describe())
-                self.assertIn(checks.DISK_NODE, before.nodes, before.describe())
-                self.assertEqual(before.media.get(checks.DEVICE_ID), checks.DISK_NODE)
+                self.assertIn(DISK_NODE, before.nodes, before.describe())
+                self.assertEqual(before.media.get(DEVICE_ID), DISK_NODE)
 
                 out = release.freeze(vm)
                 after = release.holdings(vm, image)
@@ -231,7 +232,7 @@ class Release(FrozenTest):
         with self.rig() as rig:
             vm = rig.vm
             try:
-                added = vm.hmp(f"hostfwd_add {checks.NETDEV_ID} tcp:127.0.0.1:{port}-:22")
+                added = vm.hmp(f"hostfwd_add {NETDEV_ID} tcp:127.0.0.1:{port}-:22")
                 self.assertEqual(added.strip(), "", f"hostfwd_add before the freeze: {added}")
                 rig.wait_record(3, 10)
                 rig.listener.wait_for(lambda d: True, timeout=10)  # slirp's UDP socket
@@ -249,7 +250,7 @@ class Release(FrozenTest):
                 connect_after = release.tcp_connect("127.0.0.1", port)
                 after = release.inet_sockets(vm.pid)
                 port2 = release.free_tcp_port()
-                refused = vm.hmp(f"hostfwd_add {checks.NETDEV_ID} tcp:127.0.0.1:{port2}-:22")
+                refused = vm.hmp(f"hostfwd_add {NETDEV_ID} tcp:127.0.0.1:{port2}-:22")
                 connect_new = release.tcp_connect("127.0.0.1", port2)
                 why = (
                     f"{out.describe()}; connect after: {connect_after}; "
@@ -299,7 +300,7 @@ class StockRelease(FrozenTest):
                 f"{umounted.stderr.strip()!r}"
             )
             self.log.info("%s", why)
-            self.assertFalse(release.named_nodes(vm)[checks.DISK_NODE]["active"], why)
+            self.assertFalse(release.named_nodes(vm)[DISK_NODE]["active"], why)
             self.assertTrue(after.image_fds["disk0"], why)
             self.assertTrue(after.tun_fds, why)
             assert rig.tap is not None
@@ -313,7 +314,7 @@ class StockRelease(FrozenTest):
         """The injected flush error really makes inactivation of that disk
         fail: stock's blockdev-set-active false is refused, the node stays active."""
         failing = self.work / "failing.qcow2"
-        checks.create_image(self.prefix, failing, "qcow2")
+        create_image(self.prefix, failing, "qcow2")
         args = release.flush_error_disk_args(failing)
         with self.rig(disk_format="qcow2", extra_args=args) as rig:
             vm = rig.vm

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from harness import fuzz
+from harness import fuzz, observe
 
 IMAGES = [Path("/img/disk.raw"), Path("/img/ovl.qcow2")]
 
@@ -170,6 +170,7 @@ def test_created_objects_get_fresh_ids(gen: fuzz.ArgGenerator) -> None:
         rig=SimpleNamespace(vm=SimpleNamespace(binary="qemu")),
         scratch=Path("/nonexistent"),
         sock_dir=Path("/nonexistent"),
+        not_proven=[],
     )
     fz = fuzz._Fuzzer(frig, "frozen", 1.0, None, None)  # type: ignore[arg-type]
     ids = {fz.materialize(fuzz.Fresh(), "object-add") for _ in range(3)}
@@ -356,9 +357,9 @@ def test_breaks_dead_qemu_is_one_failure() -> None:
 
 
 def test_lock_byte_names() -> None:
-    assert fuzz.lock_byte_name(100) == "100(consistent-read held)"
-    assert fuzz.lock_byte_name(201) == "201(write unshared)"
-    assert fuzz.lock_byte_name(110) == "110(bit10 held)"
+    assert observe.lock_byte_name(100) == "100(consistent-read held)"
+    assert observe.lock_byte_name(201) == "201(write unshared)"
+    assert observe.lock_byte_name(110) == "110(bit10 held)"
 
 
 def _ofd_lock(fd: int, kind: int, start: int) -> None:
@@ -368,19 +369,19 @@ def _ofd_lock(fd: int, kind: int, start: int) -> None:
 def test_held_lock_bytes_sees_another_open_file(tmp_path: Path) -> None:
     img = tmp_path / "disk.raw"
     img.write_bytes(bytes(4096))
-    assert fuzz.held_lock_bytes(img) == []
+    assert observe.held_lock_bytes(img) == []
     # OFD locks belong to the open file, so a second open conflicts even in
     # this process, exactly like QEMU's own locks would.
     fd = os.open(img, os.O_RDWR)
     try:
         _ofd_lock(fd, fcntl.F_RDLCK, 100)
         _ofd_lock(fd, fcntl.F_RDLCK, 201)
-        assert fuzz.held_lock_bytes(img) == [100, 201]
+        assert observe.held_lock_bytes(img) == [100, 201]
         _ofd_lock(fd, fcntl.F_UNLCK, 100)
-        assert fuzz.held_lock_bytes(img) == [201]
+        assert observe.held_lock_bytes(img) == [201]
     finally:
         os.close(fd)
-    assert fuzz.held_lock_bytes(img) == []
+    assert observe.held_lock_bytes(img) == []
     assert img.read_bytes() == bytes(4096), "probing never writes"
 
 
@@ -423,6 +424,7 @@ def test_materialize_makes_fresh_scratch_paths(tmp_path: Path) -> None:
         rig=SimpleNamespace(vm=SimpleNamespace(binary="qemu")),
         scratch=tmp_path / "scratch",
         sock_dir=tmp_path / "s",
+        not_proven=[],
     )
     fz = fuzz._Fuzzer(frig, "frozen", 1.0, None, None)  # type: ignore[arg-type]
     args = {

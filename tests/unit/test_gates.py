@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from harness import gates, suite
+from harness import build, gates, suite
 
 GOOD = """\
 From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001
@@ -100,8 +101,21 @@ def test_bisect_past_its_deadline_skips_instead_of_passing(tmp_path: Path, upstr
     tree = patches.prepare("qemu", local=upstream, path=tmp_path / "tree", series_dir=series_dir)
     results = gates.bisect(tree, deadline=0.0)
     assert [r.patch for r in results] == names
-    assert all(r.skipped and "budget" in r.detail for r in results[:-1])
-    assert not results[-1].skipped and "regular build" in results[-1].detail
+    # No regular build of this series: the last prefix is no exception.
+    assert all(r.skipped and "budget" in r.detail for r in results)
+    # The regular build's install of exactly this series: its stamp is reused,
+    # and the result says so.
+    prefix = build.install_prefix("qemu", tree.variant)
+    prefix.mkdir(parents=True)
+    key = build.cache_key(tree, build.project_options("qemu"))
+    (prefix / build.STAMP).write_text(json.dumps({"key": key}))
+    results = gates.bisect(tree, deadline=0.0)
+    assert all(r.skipped for r in results[:-1])
+    last = results[-1]
+    assert last.ok and not last.skipped and "not rebuilt" in last.detail and key[:16] in last.detail
+    # A stamp of another series is not reused.
+    (prefix / build.STAMP).write_text(json.dumps({"key": "other"}))
+    assert gates.bisect(tree, deadline=0.0)[-1].skipped
 
 
 def _fake_meson(tmp_path: Path, results: list[str], rc: int) -> dict[str, str]:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import checks, guest, linux_guest
+from harness import guest, linux_guest
 from harness.linux_guest import CpioEntry, LinuxConfig, LinuxGuestError
+from harness.rig import RECORD_RX
 
 
 def fake_elf(notes: list[tuple[bytes, int, bytes]]) -> bytes:
@@ -263,4 +264,4 @@ def test_init_script_parses(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "record sectors=" in linux_guest.INIT_SH
     assert 'echo "record $n $st"' in linux_guest.INIT_SH
-    assert checks.RECORD_RX.match("record 12 blk=ok net=ok t=345")
+    assert RECORD_RX.match("record 12 blk=ok net=ok t=345")

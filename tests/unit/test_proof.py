@@ -1,4 +1,4 @@
-"""The proof's verdict functions on synthetic evidence (no QEMU, no KVM).
+"""The proof (rig, observe, attempts, verdict, report, scenario) on synthetic evidence.
 
 Every function that turns evidence into a verdict is fed both sides: the
 evidence a good freeze leaves, and the evidence a broken one would leave, so
@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from harness import checks, guest, libvirtd, netns
+from harness import attempts, config, guest, libvirtd, netns, observe, report, scenario, verdict
+from harness.rig import GuestRig, Rig, console_records, record_sectors
 from harness.vm import VMCommandError, VMDied
 
 MARKER = "c0ffee0123456789"
@@ -33,7 +34,7 @@ MARKER = "c0ffee0123456789"
 
 def record(n: int, sector: int, marker: str = MARKER, magic: bytes = guest.RECORD_MAGIC) -> bytes:
     """One 512-byte sector exactly as the probe writes it (see probe/main.c)."""
-    body = bytearray(checks.SECTOR)
+    body = bytearray(observe.SECTOR)
     body[:8] = magic
     struct.pack_into("<IIII", body, 8, n, sector, 1000 + n, len(marker))
     body[24 : 24 + len(marker)] = marker.encode()
@@ -45,16 +46,16 @@ def record(n: int, sector: int, marker: str = MARKER, magic: bytes = guest.RECOR
 
 def disk_after(last: int, sectors: int, size_sectors: int = 128) -> bytearray:
     """The disk after the probe completed records 1..last in a ring of ``sectors``."""
-    disk = bytearray(size_sectors * checks.SECTOR)
-    disk[: checks.SECTOR] = record(1, sectors, magic=guest.HEADER_MAGIC)
+    disk = bytearray(size_sectors * observe.SECTOR)
+    disk[: observe.SECTOR] = record(1, sectors, magic=guest.HEADER_MAGIC)
     for n in range(1, last + 1):
         s = 1 + (n - 1) % sectors
-        disk[s * checks.SECTOR : (s + 1) * checks.SECTOR] = record(n, s)
+        disk[s * observe.SECTOR : (s + 1) * observe.SECTOR] = record(n, s)
     return disk
 
 
 def put(disk: bytearray, sector: int, data: bytes) -> None:
-    disk[sector * checks.SECTOR : (sector + 1) * checks.SECTOR] = data
+    disk[sector * observe.SECTOR : (sector + 1) * observe.SECTOR] = data
 
 
 # -- disk records ------------------------------------------------------------
@@ -62,7 +63,7 @@ def put(disk: bytearray, sector: int, data: bytes) -> None:
 
 def test_parse_records_finds_the_ring() -> None:
     disk = disk_after(last=70, sectors=64)
-    recs = checks.parse_records(bytes(disk), MARKER)
+    recs = observe.parse_records(bytes(disk), MARKER)
     assert len(recs) == 64
     assert recs[1] == 65 and recs[6] == 70 and recs[7] == 7 and recs[64] == 64
 
@@ -75,31 +76,31 @@ def test_parse_records_rejects_what_the_probe_did_not_write() -> None:
     bad[100] ^= 0xFF  # corrupt after the CRC was taken
     put(disk, 4, bytes(bad))
     put(disk, 5, record(5, 5, magic=guest.HEADER_MAGIC))  # a header is no record
-    put(disk, 6, b"\x5a" * checks.SECTOR)  # an NBD client's bytes
-    assert checks.parse_records(bytes(disk), MARKER) == {1: 1}
+    put(disk, 6, b"\x5a" * observe.SECTOR)  # an NBD client's bytes
+    assert observe.parse_records(bytes(disk), MARKER) == {1: 1}
 
 
 def test_missing_records_green_when_every_completed_record_is_there() -> None:
     for last, sectors in ((3, 64), (64, 64), (70, 64), (1000, 8)):
-        recs = checks.parse_records(bytes(disk_after(last, sectors)), MARKER)
-        assert checks.missing_records(recs, last, sectors) == [], (last, sectors)
+        recs = observe.parse_records(bytes(disk_after(last, sectors)), MARKER)
+        assert verdict.missing_records(recs, last, sectors) == [], (last, sectors)
 
 
 def test_missing_records_red_on_a_lost_write() -> None:
     disk = disk_after(last=70, sectors=64)
-    put(disk, 6, bytes(checks.SECTOR))  # record 70 never reached the disk
-    recs = checks.parse_records(bytes(disk), MARKER)
-    assert checks.missing_records(recs, 70, 64) == [70]
+    put(disk, 6, bytes(observe.SECTOR))  # record 70 never reached the disk
+    recs = observe.parse_records(bytes(disk), MARKER)
+    assert verdict.missing_records(recs, 70, 64) == [70]
     # A stale counter (record 6 still there where 70 belongs) is missing too.
     put(disk, 6, record(6, 6))
-    recs = checks.parse_records(bytes(disk), MARKER)
-    assert checks.missing_records(recs, 70, 64) == [70]
+    recs = observe.parse_records(bytes(disk), MARKER)
+    assert verdict.missing_records(recs, 70, 64) == [70]
     # The console claims more than the disk holds.
-    assert checks.missing_records(recs, 72, 64) == [70, 71, 72]
+    assert verdict.missing_records(recs, 72, 64) == [70, 71, 72]
 
 
 def test_missing_records_nothing_completed() -> None:
-    assert checks.missing_records({}, 0, 64) == []
+    assert verdict.missing_records({}, 0, 64) == []
 
 
 # -- disk bytes ----------------------------------------------------------------
@@ -107,17 +108,17 @@ def test_missing_records_nothing_completed() -> None:
 
 def test_bytes_changed() -> None:
     before = bytes(disk_after(5, 64))
-    assert checks.bytes_changed(before, before) == 0
+    assert observe.bytes_changed(before, before) == 0
     one = bytearray(before)
     one[4000] ^= 1
-    assert checks.bytes_changed(before, bytes(one)) == 1
+    assert observe.bytes_changed(before, bytes(one)) == 1
     nbd = bytearray(before)
-    nbd[checks.NBD_WRITE_OFFSET : checks.NBD_WRITE_OFFSET + 4096] = b"\x5a" * 4096
-    assert checks.bytes_changed(before, bytes(nbd)) == 4096
+    nbd[attempts.NBD_WRITE_OFFSET : attempts.NBD_WRITE_OFFSET + 4096] = b"\x5a" * 4096
+    assert observe.bytes_changed(before, bytes(nbd)) == 4096
     # A grown or truncated image counts its whole difference.
-    assert checks.bytes_changed(before, before + bytes(10)) == 10
-    assert checks.bytes_changed(before, before[:-512]) == 512
-    assert checks.bytes_changed(b"ab", b"xbcd") == 3
+    assert observe.bytes_changed(before, before + bytes(10)) == 10
+    assert observe.bytes_changed(before, before[:-512]) == 512
+    assert observe.bytes_changed(b"ab", b"xbcd") == 3
 
 
 # -- console records -----------------------------------------------------------
@@ -134,19 +135,37 @@ PROBE_CONSOLE = (
 LINUX_CONSOLE = "ready\nrecord 11 blk=ok net=ok t=5\nrecord 12 blk=ok net=off t=9\n"
 
 
-def test_record_regexes_of_production_agree() -> None:
-    """checks.RECORD_RX (str console) and libvirtd.RECORD_RX (bytes log)."""
+def test_one_record_regex_for_every_console() -> None:
+    """rig.RECORD_RX, through console_records, on str consoles and bytes logs."""
     for text, want in ((PROBE_CONSOLE, [1, 2, 3]), (LINUX_CONSOLE, [11, 12])):
-        assert [int(m.group(1)) for m in checks.RECORD_RX.finditer(text)] == want
-        raw = text.encode()
-        assert [int(m.group(1)) for m in libvirtd.RECORD_RX.finditer(raw)] == want
-    m = checks.RECORD_RX.search(PROBE_CONSOLE)
-    assert m is not None and m.group(2, 3) == ("ok", "ok")
-    assert checks.RECORD_RX.search("record sectors=64\r\n") is None
+        assert [r.counter for r in console_records(text)] == want
+        assert [r.counter for r in console_records(text.encode())] == want
+    first = console_records(PROBE_CONSOLE)[0]
+    assert (first.blk, first.net) == ("ok", "ok")
+    assert console_records("record sectors=64\r\n") == []
+    assert record_sectors(PROBE_CONSOLE) == 64 and record_sectors("") is None
+    offset = PROBE_CONSOLE.index("record 3")
+    assert [r.counter for r in console_records(PROBE_CONSOLE, offset)] == [3]
 
 
-def test_the_unused_record_pattern_is_gone() -> None:
+def test_the_other_record_regexes_are_gone() -> None:
     assert not hasattr(guest, "RECORD_LINE_RE")
+    assert not hasattr(libvirtd, "RECORD_RX")
+
+
+def test_libvirt_probe_guest_is_a_rig(tmp_path: Path) -> None:
+    """The libvirt guest reads its records from the console log, as a rig."""
+    log = tmp_path / "console.log"
+    log.write_bytes(LINUX_CONSOLE.encode())
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\x01" * 512)
+    domain = types.SimpleNamespace(name="vm", console_log=log, disk=disk)
+    probe = libvirtd.ProbeGuest(domain, MARKER, None, tmp_path / "vm.xml")  # type: ignore[arg-type]
+    view: GuestRig = probe
+    assert view.records() == [11, 12] and view.last_record() == 12
+    assert view.wait_record(12, 1) == 12
+    assert view.disk_view() == b"\x01" * 512
+    assert "record 11" in view.console_text()
 
 
 class FakeVM:
@@ -199,17 +218,17 @@ class FakeVM:
         return {}
 
 
-def fake_rig(tmp_path: Path, vm: FakeVM, listener: Any = None) -> checks.Rig:
+def fake_rig(tmp_path: Path, vm: FakeVM, listener: Any = None) -> Rig:
     image = tmp_path / "disk.raw"
     if not image.exists():
         image.write_bytes(bytes(disk_after(3, 64)))
-    return checks.Rig(vm, tmp_path, tmp_path, image, "raw", "user", MARKER, listener)  # type: ignore[arg-type]
+    return Rig(vm, tmp_path, tmp_path, image, "raw", "user", MARKER, listener)  # type: ignore[arg-type]
 
 
 def test_rig_console_views(tmp_path: Path) -> None:
     vm = FakeVM(PROBE_CONSOLE)
     rig = fake_rig(tmp_path, vm)
-    assert rig.records_printed() == [1, 2, 3] and rig.last_record() == 3
+    assert rig.records() == [1, 2, 3] and rig.last_record() == 3
     assert rig.sectors == 64
     mark = len(vm.console)
     assert rig.records_after(mark) == []
@@ -245,7 +264,7 @@ def test_memory_has_green_and_red(tmp_path: Path) -> None:
     vm = FakeVM()
     vm.ram = bytes(4096) + tag + bytes(100) + last + bytes(4096)
     vm.dump = b"\x7fELF" + bytes(64) + vm.ram
-    found = checks.memory_has(vm, tmp_path / "mem", [tag, last, decoy], ram_mb=1)  # type: ignore[arg-type]
+    found = observe.memory_has(vm, tmp_path / "mem", [tag, last, decoy], ram_mb=1)  # type: ignore[arg-type]
     key = tag.decode()
     assert found[f"pmemsave:{key}"] and found[f"dump-guest-memory:{key}"]
     assert found["xp"] and found["memsave"]
@@ -254,7 +273,7 @@ def test_memory_has_green_and_red(tmp_path: Path) -> None:
     assert not found[f"dump-guest-memory:{decoy.decode()}"]
     # Memory lost: a zeroed RAM and an empty dump find nothing.
     vm.ram, vm.dump = bytes(8192), b""
-    found = checks.memory_has(vm, tmp_path / "mem", [tag, last], ram_mb=1)  # type: ignore[arg-type]
+    found = observe.memory_has(vm, tmp_path / "mem", [tag, last], ram_mb=1)  # type: ignore[arg-type]
     assert not any(found.values())
 
 
@@ -262,9 +281,9 @@ def test_memory_has_green_and_red(tmp_path: Path) -> None:
 
 
 def test_attempt_held_only_when_refused_alive_and_still_frozen() -> None:
-    assert checks.Attempt("cont", True, "refused", True, True).held
+    assert attempts.Attempt("cont", True, "refused", True, True).held
     for refused, alive, frozen in ((False, True, True), (True, False, True), (True, True, False)):
-        assert not checks.Attempt("cont", refused, "", alive, frozen).held
+        assert not attempts.Attempt("cont", refused, "", alive, frozen).held
 
 
 def test_attempt_records_qemu_dying() -> None:
@@ -274,16 +293,16 @@ def test_attempt_records_qemu_dying() -> None:
         vm.running = False
         raise VMDied("cont: QEMU exited (rc=-6) during the command")
 
-    a = checks._attempt(vm, "cont", crash)  # type: ignore[arg-type]
+    a = attempts.attempt(vm, "cont", crash)  # type: ignore[arg-type]
     assert (a.refused, a.alive, a.still_frozen, a.held) == (False, False, False, False)
     assert "VMDied" in a.message and "rc=-6" in a.message
 
 
 def test_attempt_accepted_and_refused() -> None:
     vm = FakeVM(accept={"cont"})
-    a = checks._attempt(vm, "cont", lambda: checks._cmd_refused(vm, "cont"))  # type: ignore[arg-type]
+    a = attempts.attempt(vm, "cont", lambda: attempts.cmd_refused(vm, "cont"))  # type: ignore[arg-type]
     assert not a.refused and not a.held
-    b = checks._attempt(vm, "x", lambda: checks._cmd_refused(vm, "system_reset"))  # type: ignore[arg-type]
+    b = attempts.attempt(vm, "x", lambda: attempts.cmd_refused(vm, "system_reset"))  # type: ignore[arg-type]
     assert b.refused and b.held and "frozen" in b.message
 
 
@@ -292,16 +311,16 @@ def test_attempt_accepted_and_refused() -> None:
 
 @pytest.fixture
 def no_nbd(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checks, "nbd_client_write", lambda *a: (False, "no server"))
+    monkeypatch.setattr(attempts, "nbd_client_write", lambda *a: (False, "no server"))
 
 
-def _soak(tmp_path: Path, vm: FakeVM, seconds: float, mutate: Any = None) -> checks.Soak:
+def _soak(tmp_path: Path, vm: FakeVM, seconds: float, mutate: Any = None) -> scenario.Soak:
     with netns.UdpListener("127.0.0.1") as listener:
         rig = fake_rig(tmp_path, vm, listener)
         image, mark, freeze_wall = rig.image.read_bytes(), len(vm.console), time.time()
         if mutate:
             mutate(rig, listener)
-        return checks.soak(rig, seconds, freeze_wall, mark, image)
+        return scenario.soak(rig, seconds, freeze_wall, mark, image)
 
 
 def test_soak_runs_its_whole_window_when_nothing_moves(tmp_path: Path, no_nbd: None) -> None:
@@ -312,7 +331,7 @@ def test_soak_runs_its_whole_window_when_nothing_moves(tmp_path: Path, no_nbd: N
 def test_soak_sees_every_kind_of_movement(tmp_path: Path, no_nbd: None) -> None:
     vm = FakeVM(PROBE_CONSOLE, accept={"cont", "hmp cont"})
 
-    def move(rig: checks.Rig, listener: netns.UdpListener) -> None:
+    def move(rig: Rig, listener: netns.UdpListener) -> None:
         vm.console += "\r\nrecord 9 blk=ok net=ok t=1\r\n"
         rig.image.write_bytes(b"\x5a" + rig.image.read_bytes()[1:])
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
@@ -342,7 +361,7 @@ def test_soak_stops_when_qemu_exits(tmp_path: Path, no_nbd: None) -> None:
 # -- the verdict ---------------------------------------------------------------
 
 
-def good(**kw: Any) -> checks.FreezeResult:
+def good(**kw: Any) -> verdict.FreezeResult:
     base = dict(
         trigger="panic",
         accelerator="kvm",
@@ -359,7 +378,7 @@ def good(**kw: Any) -> checks.FreezeResult:
         soak_s=30.0,
         soak_rounds=40,
     )
-    return checks.FreezeResult(**{**base, **kw})
+    return verdict.FreezeResult(**{**base, **kw})
 
 
 BROKEN = {
@@ -379,14 +398,14 @@ BROKEN = {
 
 def test_freeze_result_ok_green() -> None:
     assert good().ok
-    assert checks.verdict(good()) == "PASS" and checks.verdict_ok(good())
+    assert verdict.verdict(good()) == "PASS" and verdict.verdict_ok(good())
 
 
 @pytest.mark.parametrize("field,value", sorted(BROKEN.items()))
 def test_freeze_result_ok_red_on_each_broken_promise(field: str, value: Any) -> None:
     r = good(**{field: value})
     assert not r.ok
-    assert checks.verdict(r) == "FAIL" and not checks.verdict_ok(r)
+    assert verdict.verdict(r) == "FAIL" and not verdict.verdict_ok(r)
 
 
 def test_every_verdict_field_is_covered() -> None:
@@ -406,16 +425,16 @@ def test_every_verdict_field_is_covered() -> None:
     }
     assert set(BROKEN) == verdict_fields
     # The fields FreezeResult.ok reads (but the trigger, which picks the reason).
-    source = inspect.getsource(checks.FreezeResult.ok.fget)  # type: ignore[attr-defined]
+    source = inspect.getsource(verdict.FreezeResult.ok.fget)  # type: ignore[attr-defined]
     assert set(re.findall(r"self\.(\w+)", source)) - {"trigger"} == verdict_fields
-    names = {f.name for f in dataclasses.fields(checks.FreezeResult)}
+    names = {f.name for f in dataclasses.fields(verdict.FreezeResult)}
     assert verdict_fields <= names
 
 
 def test_error_rows_are_failures() -> None:
-    r = checks.FreezeResult("qmp", "kvm", False, -1, -1, False, False, ["error: boom"])
+    r = verdict.FreezeResult("qmp", "kvm", False, -1, -1, False, False, ["error: boom"])
     assert not r.ok
-    assert "FAIL" in checks.format_table([r]) and "?" in checks.format_table([r])
+    assert "FAIL" in report.format_table([r]) and "?" in report.format_table([r])
 
 
 def test_controls_are_right_when_red() -> None:
@@ -427,52 +446,72 @@ def test_controls_are_right_when_red() -> None:
         refusals_held=False,
         bytes_written_after_freeze=300,
     )
-    assert checks.verdict(red) == "red (expected)" and checks.verdict_ok(red)
+    assert verdict.verdict(red) == "red (expected)" and verdict.verdict_ok(red)
     green = good(control=True)
-    assert "cannot fail" in checks.verdict(green) and not checks.verdict_ok(green)
-    assert "(stock control)" in checks.format_table([red])
+    assert "cannot fail" in verdict.verdict(green) and not verdict.verdict_ok(green)
+    assert "(stock control)" in report.format_table([red])
 
 
 def test_partial_rows_name_what_was_not_proven() -> None:
     r = good(not_proven=["tap networking: creating network namespaces needs root"])
-    assert checks.verdict(r) == "PASS (partial)"
-    assert "not proven (panic): tap networking" in checks.format_table([r])
+    assert verdict.verdict(r) == "PASS (partial)"
+    assert "not proven (panic): tap networking" in report.format_table([r])
 
 
 def test_verify_all_fails_without_kvm_or_namespaces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No silent TCG or user-networking fallback, unless asked for."""
-    monkeypatch.setattr(checks, "default_accel", lambda: "tcg")
+    monkeypatch.setattr(scenario, "default_accel", lambda: "tcg")
     monkeypatch.setattr(netns, "netns_supported", lambda: "no namespaces here")
     ran: list[tuple[str, str, str]] = []
 
-    def scenario(prefix: Path, wd: Path, what: str, **kw: Any) -> checks.FreezeResult:
+    def fake(prefix: Path, wd: Path, what: str, **kw: Any) -> verdict.FreezeResult:
         ran.append((what, kw["network"], kw["accel"]))
-        return good(trigger=what, reason=checks.REASONS[what])
+        return good(trigger=what, reason=verdict.REASONS[what])
 
-    monkeypatch.setattr(checks, "freeze_scenario", scenario)
-    monkeypatch.delenv(checks.PARTIAL_ENV, raising=False)
-    rows = checks.verify_all(tmp_path, tmp_path / "w", triggers=("qmp", "watchdog"))
+    monkeypatch.setattr(scenario, "freeze_scenario", fake)
+    monkeypatch.delenv(config.PARTIAL_ENV, raising=False)
+    rows = scenario.verify_all(tmp_path, tmp_path / "w", triggers=("qmp", "watchdog"))
     assert ran == [] and not any(r.ok for r in rows)
     assert all("cannot prove" in r.details[1] for r in rows)
-    rows = checks.verify_all(tmp_path, tmp_path / "w", triggers=("qmp", "watchdog"), partial=True)
+    rows = scenario.verify_all(tmp_path, tmp_path / "w", triggers=("qmp", "watchdog"), partial=True)
     assert ran == [("qmp", "user", "tcg"), ("watchdog", "user", "tcg")]
-    assert [checks.verdict(r) for r in rows] == ["PASS (partial)"] * 2
+    assert [verdict.verdict(r) for r in rows] == ["PASS (partial)"] * 2
     assert any("tap networking" in g for g in rows[1].not_proven)
 
 
 def test_soak_retries_the_whole_table_every_round(tmp_path: Path, no_nbd: None) -> None:
     rounds: list[int] = []
 
-    def table() -> list[checks.Attempt]:
+    def table() -> list[attempts.Attempt]:
         rounds.append(1)
-        held = checks.Attempt("cont", True, "refused", True, True)
-        through = checks.Attempt("block_resize", False, "accepted", True, True)
+        held = attempts.Attempt("cont", True, "refused", True, True)
+        through = attempts.Attempt("block_resize", False, "accepted", True, True)
         return [held, through] if len(rounds) > 2 else [held]
 
     with netns.UdpListener("127.0.0.1") as listener:
         rig = fake_rig(tmp_path, FakeVM(), listener)
-        s = checks.soak(rig, 1.2, time.time(), 0, rig.image.read_bytes(), retry=table)
+        s = scenario.soak(rig, 1.2, time.time(), 0, rig.image.read_bytes(), retry=table)
     assert len(rounds) == s.rounds >= 3
     assert s.notes == ["soak: block_resize not held"]
+
+
+# -- one matrix for `frozen verify` and CI ---------------------------------------
+
+
+def _called(path: Path, helper: str) -> set[str]:
+    return set(re.findall(rf'self\.{helper}\("([\w-]+)"\)', path.read_text()))
+
+
+def test_ci_runs_the_matrix_frozen_verify_runs() -> None:
+    """test_freeze runs every MATRIX row, test_negative_control controls every
+    row; `frozen verify` runs MATRIX (verify_all's default) on both builds."""
+    functional = Path(__file__).resolve().parents[1] / "functional"
+    rows = {r.trigger for r in scenario.MATRIX}
+    assert _called(functional / "test_freeze.py", "_row") == rows
+    assert _called(functional / "test_negative_control.py", "_control") == rows
+    assert inspect.signature(scenario.verify_all).parameters["triggers"].default == tuple(
+        r.trigger for r in scenario.MATRIX
+    )
+    assert set(verdict.TRIGGERS) == rows and len(scenario.MATRIX) == len(rows)

@@ -1,0 +1,34 @@
+"""One base for what the harness starts and must always end.
+
+A daemon, a cluster or a backend process: entering starts it, and if
+starting fails half-way what did start is closed before the error goes on;
+leaving closes it. ``close`` must be safe to call on a half-started or
+already closed object. QEMU's launcher (``vm.VM``) follows QEMUMachine's
+own protocol instead (launch, shutdown, the crash log).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Self
+
+
+class Started(abc.ABC):
+    """A context manager that starts on enter and always closes."""
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
