@@ -141,7 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     libvirt = args.libvirt_prefix
     if "pacemaker" in sections and libvirt is None:
         # The cluster's nodes run the patched libvirt's virtqemud.
-        installs = build_all(argparse.Namespace(**{**vars(args), "project": "libvirt"}))
+        installs = pipeline.build_all(project="libvirt", **_build_options(args))
         libvirt = installs[("libvirt", "frozen")].prefix
     result, out_dir = bench.run(
         stock,
