@@ -476,7 +476,7 @@ def probe_rig(
         )
         vm = VM(
             system_binary(prefix),
-            [*args, *extra_args],
+            [*args, *net.args, *extra_args],
             name="probe",
             log_dir=log_dir or workdir / "vm",
             accel=accel,

@@ -28,6 +28,8 @@ DISK_NODE = "disk0"
 DEVICE_ID = "vblk0"
 NETDEV_ID = "net0"
 NIC_ID = "nic0"
+#: the stalled network's sink: a hub port to a NIC nobody drives
+SINK_NETDEV_ID = "sink-net0"
 IMAGE_SIZE = 1 << 20
 
 #: The console line of every record, from the probe and the Linux guest alike.
@@ -206,6 +208,8 @@ class GuestNetwork:
     tap: netns.Tap | None = None
     #: descriptors QEMU inherits (the tap), closed once QEMU has them
     fds: list[int] = field(default_factory=list)
+    #: more QEMU arguments the network needs (the stalled network's sink)
+    args: list[str] = field(default_factory=list)
 
     def close_fds(self) -> None:
         while self.fds:
@@ -216,7 +220,8 @@ class GuestNetwork:
 @contextlib.contextmanager
 def guest_network(network: str) -> Iterator[GuestNetwork]:
     """``user``: slirp to a listener on 127.0.0.1; ``tap``: a tap in a private
-    network namespace, with the listener and a frame capture inside it."""
+    network namespace, with the listener and a frame capture inside it;
+    ``stalled``: a hub to a NIC that cannot receive (nothing leaves)."""
     with contextlib.ExitStack() as stack:
         if network == "user":
             listener = stack.enter_context(netns.UdpListener("127.0.0.1"))
@@ -244,6 +249,23 @@ def guest_network(network: str) -> Iterator[GuestNetwork]:
                 capture,
                 tap,
                 [fd],
+            )
+        elif network == "stalled":
+            # The NIC's peer is a hub whose only other port is a second NIC
+            # that no driver sets up: nothing can receive, so the guest's
+            # first frame stays queued in QEMU, its TX queue holding one
+            # request in flight (the probe sends one frame at a time).
+            listener = stack.enter_context(netns.UdpListener("127.0.0.1"))
+            net = GuestNetwork(
+                f"hubport,id={NETDEV_ID},hubid=0",
+                listener,
+                {"dst_ip": netns.USER_NET_HOST_IP, "dst_port": listener.port},
+                args=[
+                    "-netdev",
+                    f"hubport,id={SINK_NETDEV_ID},hubid=0",
+                    "-device",
+                    f"virtio-net-pci,disable-modern=on,netdev={SINK_NETDEV_ID},id=sink0,romfile=",
+                ],
             )
         else:
             raise ValueError(f"unknown network {network!r}")

@@ -515,3 +515,15 @@ def test_ci_runs_the_matrix_frozen_verify_runs() -> None:
         r.trigger for r in scenario.MATRIX
     )
     assert set(verdict.TRIGGERS) == rows and len(scenario.MATRIX) == len(rows)
+
+
+def test_the_stalled_network_is_a_hub_to_a_nic_nobody_drives() -> None:
+    from harness import rig
+
+    with rig.guest_network("stalled") as net:
+        assert net.netdev == f"hubport,id={rig.NETDEV_ID},hubid=0"
+        # the sink is on the same hub, behind a NIC the probe never sets up
+        # (it drives the first virtio-net it finds: the rig's, added first)
+        assert f"hubport,id={rig.SINK_NETDEV_ID},hubid=0" in net.args
+        assert any(a.startswith("virtio-net-pci,") and rig.SINK_NETDEV_ID in a for a in net.args)
+        assert net.fds == []
