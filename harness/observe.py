@@ -9,12 +9,17 @@ read-write. Nothing here judges: the verdicts are in ``harness.verdict``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import secrets
+import select
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,3 +250,146 @@ def held_lock_bytes(path: Path) -> list[int]:
         return held
     finally:
         os.close(fd)
+
+
+# -- image locks and a real standby ------------------------------------------------
+
+#: how long a standby waits for the lock by default
+STANDBY_TIMEOUT = 30.0
+
+# QEMU's file-posix locks one byte per permission at 100 + bit ("I use it")
+# and 200 + bit ("others may not"); any lock there blocks a standby.
+_QEMU_LOCK_START, _QEMU_LOCK_LEN = 100, 200
+#: BLK_PERM_WRITE is bit 1: a writer that does not share writing (a standby
+#: QEMU with share-rw=off) needs byte 101 (nobody uses write) and byte 201
+#: (nobody refuses to share write) free.
+WRITE_LOCK_BYTES = (_QEMU_LOCK_START + 1, _QEMU_LOCK_START + 100 + 1)
+_F_OFD_GETLK, _F_OFD_SETLK, _F_OFD_SETLKW = 36, 37, 38
+_FLOCK = "hhxxxxqqixxxx"
+
+
+def image_locked(image: Path) -> bool:
+    """True while any process holds a QEMU permission lock on `image`."""
+    fd = os.open(image, os.O_RDWR)
+    try:
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _QEMU_LOCK_START, _QEMU_LOCK_LEN, 0)
+        answer = fcntl.fcntl(fd, _F_OFD_GETLK, query)
+        return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
+    finally:
+        os.close(fd)
+
+
+def wait_unlocked(image: Path, since: float, timeout: float = STANDBY_TIMEOUT) -> float:
+    """Seconds from `since` (monotonic) until the image lock is free (1 ms poll).
+
+    Kept for quick checks; the benchmarks use ``Standby``.
+    """
+    deadline = since + timeout
+    while image_locked(image):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{image} still locked after {timeout} s")
+        time.sleep(0.001)  # a 1 ms poll of a lock, not a wait for an event
+    return time.monotonic() - since
+
+
+_STANDBY = r"""
+import fcntl, os, struct, sys, time
+FMT, GETLK, SETLKW = "hhxxxxqqixxxx", 36, 38
+fd = os.open(sys.argv[1], os.O_RDWR)
+offsets = [int(a) for a in sys.argv[2:]]
+def req(kind, off):
+    return struct.pack(FMT, kind, os.SEEK_SET, off, 1, 0)
+held = [o for o in offsets
+        if struct.unpack(FMT, fcntl.fcntl(fd, GETLK, req(fcntl.F_WRLCK, o)))[0] != fcntl.F_UNLCK]
+print("held" if held else "free", flush=True)
+for o in offsets:
+    fcntl.fcntl(fd, SETLKW, req(fcntl.F_WRLCK, o))
+print("got %.9f" % time.clock_gettime(time.CLOCK_MONOTONIC), flush=True)
+sys.stdin.read()
+"""
+
+
+class StandbyError(Exception):
+    """The standby did not wait as it should (lock not held, not blocked, no lock)."""
+
+
+def lock_id(path: Path) -> str:
+    """How /proc/locks names the file: MAJ:MIN:INODE (major and minor in hex)."""
+    st = os.stat(path)
+    return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+
+
+def blocked_waiters(path: Path, locks_text: str | None = None) -> int:
+    """How many lock requests on `path` wait in the kernel (``->`` in /proc/locks)."""
+    text = Path("/proc/locks").read_text() if locks_text is None else locks_text
+    ident = lock_id(path)
+    return sum(1 for line in text.splitlines() if "->" in line and ident in line.split())
+
+
+class Standby:
+    """A second process blocked in a write-lock wait on `image`.
+
+    ``start()`` returns once the child found the lock held and is blocked in
+    the kernel on it; ``acquired()`` is the child's CLOCK_MONOTONIC when it
+    got the lock.  Ended by PID on close, also on failure.
+    """
+
+    def __init__(self, image: Path, offsets: Sequence[int] = WRITE_LOCK_BYTES):
+        self.image = image
+        self.offsets = tuple(offsets)
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Standby:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _line(self, timeout: float) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise StandbyError(f"standby silent for {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise StandbyError(f"standby exited (rc {self.proc.poll()})")
+        return line.strip()
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _STANDBY, str(self.image), *map(str, self.offsets)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        first = self._line(timeout)
+        if first != "held":
+            raise StandbyError(f"the lock on {self.image} was not held before the command")
+        deadline = time.monotonic() + timeout
+        while blocked_waiters(self.image) < 1:
+            if time.monotonic() > deadline:
+                raise StandbyError("standby not blocked in the kernel")
+            time.sleep(0.002)  # waiting for the child to enter F_OFD_SETLKW
+
+    def acquired(self, timeout: float = STANDBY_TIMEOUT) -> float:
+        """The standby's CLOCK_MONOTONIC when it had the lock."""
+        line = self._line(timeout)
+        if not line.startswith("got "):
+            raise StandbyError(f"standby said {line!r}")
+        return float(line.split()[1])
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # by PID: the Popen we started
+            proc.wait(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -16,29 +16,29 @@ from typing import Any
 
 import pytest
 
-from harness import bench, cli
+from harness import bench, cli, observe
 
 
 def _ofd_lock(fd: int, kind: int, start: int, length: int = 1) -> None:
     fcntl.fcntl(
-        fd, bench._F_OFD_SETLK, struct.pack(bench._FLOCK, kind, os.SEEK_SET, start, length, 0)
+        fd, observe._F_OFD_SETLK, struct.pack(observe._FLOCK, kind, os.SEEK_SET, start, length, 0)
     )
 
 
 def test_image_locked_sees_a_qemu_style_permission_lock(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(b"\0" * 4096)
-    assert not bench.image_locked(image)
+    assert not observe.image_locked(image)
     # QEMU takes shared locks on one byte per permission, as another
     # open file description does here.
     fd = os.open(image, os.O_RDWR)
     try:
         _ofd_lock(fd, fcntl.F_RDLCK, 201)
-        assert bench.image_locked(image)
+        assert observe.image_locked(image)
         _ofd_lock(fd, fcntl.F_UNLCK, 201)
-        assert not bench.image_locked(image)
+        assert not observe.image_locked(image)
         _ofd_lock(fd, fcntl.F_RDLCK, 50)  # outside QEMU's lock bytes
-        assert not bench.image_locked(image)
+        assert not observe.image_locked(image)
     finally:
         os.close(fd)
 
@@ -46,7 +46,7 @@ def test_image_locked_sees_a_qemu_style_permission_lock(tmp_path: Path) -> None:
 def test_wait_unlocked_measures_from_the_given_moment(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(b"\0" * 512)
-    elapsed = bench.wait_unlocked(image, since=bench.time.monotonic() - 0.25)
+    elapsed = observe.wait_unlocked(image, since=observe.time.monotonic() - 0.25)
     assert 0.25 <= elapsed < 5
 
 
@@ -437,13 +437,13 @@ def test_lean_qmp_floor(fake_qmp: tuple[FakeQMP, bench.LeanQMP]) -> None:
 def test_blocked_waiters_parses_proc_locks(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(b"\0")
-    ident = bench.lock_id(image)
+    ident = observe.lock_id(image)
     text = (
         f"1: OFDLCK  ADVISORY  READ  -1 {ident} 101 101\n"
         f"1: -> OFDLCK ADVISORY  WRITE -1 {ident} 101 101\n"
         f"2: -> OFDLCK ADVISORY  WRITE -1 {ident}9 101 101\n"  # another inode
     )
-    assert bench.blocked_waiters(image, text) == 1
+    assert observe.blocked_waiters(image, text) == 1
 
 
 def test_standby_waits_for_a_held_lock_and_stamps_its_own_clock(tmp_path: Path) -> None:
@@ -452,21 +452,21 @@ def test_standby_waits_for_a_held_lock_and_stamps_its_own_clock(tmp_path: Path) 
     fd = os.open(image, os.O_RDWR)
     try:
         # As QEMU does with share-rw=on: a shared lock on "I use write".
-        _ofd_lock(fd, fcntl.F_RDLCK, bench.WRITE_LOCK_BYTES[0])
-        with bench.Standby(image) as sb:
+        _ofd_lock(fd, fcntl.F_RDLCK, observe.WRITE_LOCK_BYTES[0])
+        with observe.Standby(image) as sb:
             sb.start()  # returns only once the child is blocked in the kernel
-            assert bench.blocked_waiters(image) == 1
+            assert observe.blocked_waiters(image) == 1
             time.sleep(0.1)
             released = time.monotonic()
-            _ofd_lock(fd, fcntl.F_UNLCK, bench.WRITE_LOCK_BYTES[0])
+            _ofd_lock(fd, fcntl.F_UNLCK, observe.WRITE_LOCK_BYTES[0])
             got = sb.acquired(5)
             assert released <= got < released + 2
             # The standby now holds the bytes a writer needs.
-            assert bench.image_locked(image)
+            assert observe.image_locked(image)
             pid = sb.proc.pid if sb.proc else None
         assert pid is not None
         assert not Path(f"/proc/{pid}").exists() or "Z" in _state(pid)
-        assert not bench.image_locked(image)
+        assert not observe.image_locked(image)
     finally:
         os.close(fd)
 
@@ -481,7 +481,7 @@ def _state(pid: int) -> str:
 def test_standby_refuses_a_lock_that_was_not_held(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(b"\0" * 512)
-    with bench.Standby(image) as sb, pytest.raises(bench.StandbyError, match="not held"):
+    with observe.Standby(image) as sb, pytest.raises(observe.StandbyError, match="not held"):
         sb.start()
     assert sb.proc is None  # ended on the way out
 
@@ -491,10 +491,10 @@ def test_standby_times_out_when_the_lock_stays(tmp_path: Path) -> None:
     image.write_bytes(b"\0" * 512)
     fd = os.open(image, os.O_RDWR)
     try:
-        _ofd_lock(fd, fcntl.F_RDLCK, bench.WRITE_LOCK_BYTES[1])
-        with bench.Standby(image) as sb:
+        _ofd_lock(fd, fcntl.F_RDLCK, observe.WRITE_LOCK_BYTES[1])
+        with observe.Standby(image) as sb:
             sb.start()
-            with pytest.raises(bench.StandbyError, match="silent"):
+            with pytest.raises(observe.StandbyError, match="silent"):
                 sb.acquired(0.3)
     finally:
         os.close(fd)
