@@ -445,6 +445,67 @@ elif cmd == "dumpxml":
 
 STANDIN_XML = "<domain type='kvm'>\n  <name>vm</name>\n</domain>\n"
 
+#: Stand-ins for the cluster tools the agent calls (one script, by the name
+#: it is called as): crm_attribute and crm_resource keep node attributes,
+#: node utilization and resource utilization in $STANDIN/cib.json; crm_node
+#: says "node1"; virt-xml-validate accepts everything.  Calls are logged
+#: to $STANDIN/calls like the stand-in virsh's.
+STANDIN_CRM = r"""#!/usr/bin/env python3
+import json, os, sys
+d = os.environ["STANDIN"]
+tool, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+with open(os.path.join(d, "calls"), "a") as f:
+    f.write(json.dumps([tool, *args]) + "\n")
+if tool == "crm_node":
+    sys.exit(print("node1"))
+if tool == "pacemakerd":
+    sys.exit(print("Pacemaker 2.1.5"))
+if tool == "virt-xml-validate":
+    sys.exit(0)
+path = os.path.join(d, "cib.json")
+try:
+    cib = json.load(open(path))
+except FileNotFoundError:
+    cib = {}
+opts, flags, i = {}, set(), 0
+longs = {"-t": "--type", "-N": "--node", "-n": "--name", "-v": "--update", "-r": "--resource",
+         "-p": "--set-parameter", "-g": "--get-parameter", "-G": "--query", "-D": "--delete",
+         "-z": "--utilization", "-Q": "--quiet", "-q": "--quiet"}
+while i < len(args):
+    a = args[i]
+    if "=" in a and a.startswith("--"):
+        k, v = a.split("=", 1)
+        opts[k] = v
+    elif longs.get(a, a) in ("--type", "--node", "--name", "--update", "--resource",
+                             "--set-parameter", "--get-parameter", "--parameter-value",
+                             "--delete-parameter"):
+        opts[longs.get(a, a)] = args[i + 1]
+        i += 1
+    else:
+        flags.add(longs.get(a, a))
+    i += 1
+if tool == "crm_resource":  # the resource's own utilization: accepted, kept
+    key = "rsc-util"
+    name = (opts.get("--get-parameter") or opts.get("--set-parameter")
+            or opts.get("--delete-parameter"))
+    value = opts.get("--update") or opts.get("--parameter-value")
+else:
+    key = ("util:" if "--utilization" in flags else "attr:") + opts.get("--node", "")
+    name, value = opts.get("--name"), opts.get("--update")
+table = cib.setdefault(key, {})
+if "--query" in flags or "--get-parameter" in opts:
+    if name not in table:
+        print("Error performing operation: No such device or address", file=sys.stderr)
+        sys.exit(6)
+    sys.exit(print(table[name]))
+if "--delete" in flags or "--delete-parameter" in opts:
+    table.pop(name, None)
+elif value is not None:
+    table[name] = value
+json.dump(cib, open(path, "w"))
+"""
+STANDIN_CRM_TOOLS = ("crm_attribute", "crm_resource", "crm_node", "pacemakerd", "virt-xml-validate")
+
 
 class ResourceAgentStandIn(Test):
     """The agent's frozen paths against a stand-in virsh (no KVM needed).
@@ -466,6 +527,10 @@ class ResourceAgentStandIn(Test):
         bindir.mkdir(parents=True)
         (bindir / "virsh").write_text(STANDIN_VIRSH)
         (bindir / "virsh").chmod(0o755)
+        (bindir / "crm-standin").write_text(STANDIN_CRM)
+        (bindir / "crm-standin").chmod(0o755)
+        for tool in STANDIN_CRM_TOOLS:
+            (bindir / tool).symlink_to("crm-standin")
         self.config = self.work / "vm.xml"
         self.config.write_text(STANDIN_XML)
 
@@ -660,6 +725,22 @@ class ResourceAgentStandIn(Test):
         self.assertEqual(self.dumps(), [])
         self.assertEqual(self.state(), "frozen (panicked)")
 
+    def test_frozen_config_not_saved(self) -> None:
+        """save_config_on_stop: a monitor of a frozen (stale) domain leaves
+        the config file alone; a running domain's is still saved."""
+        self.set_state("frozen (panicked)")
+        self.calls()
+        r, _ = self.ocf("monitor", save_config_on_stop="true")
+        self.assertEqual(r.rc, OCF_NOT_RUNNING, r.output)
+        self.assertEqual(self.config.read_text(), STANDIN_XML, "a frozen domain's config was saved")
+        # (update_emulator_cache reads the live XML; save_config the inactive)
+        self.assertNotIn(["dumpxml", "--inactive"], [c[:2] for c in self.calls()])
+        # the parameter still works for a running domain
+        self.set_state("running (booted)")
+        r, _ = self.ocf("monitor", save_config_on_stop="true")
+        self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+        self.assertNotEqual(self.config.read_text(), STANDIN_XML, "save_config_on_stop is inert")
+
 
 class ResourceAgentStandInStock(ResourceAgentStandIn):
     """Negative control: the unpatched agent fails the stand-in checks.
@@ -708,6 +789,12 @@ class ResourceAgentStandInStock(ResourceAgentStandIn):
 
     def test_dump_bounded_by_start_timeout(self) -> None:
         self._stock_start_over_frozen(frozen_dump_dir=str(self.dump_dir))
+
+    def test_frozen_config_not_saved(self) -> None:
+        # stock saves the stale frozen domain's definition on every monitor
+        self.set_state("frozen (panicked)")
+        self.ocf("monitor", save_config_on_stop="true")
+        self.assertNotEqual(self.config.read_text(), STANDIN_XML)
 
 
 #: ocf-tester probes migrate_to and migrate_from last; VirtualDomain's
