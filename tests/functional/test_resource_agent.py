@@ -504,6 +504,8 @@ elif value is not None:
     table[name] = value
 json.dump(cib, open(path, "w"))
 """
+#: the agent manages the resource's memory utilization
+UTILIZATION = {"autoset_utilization_host_memory": "true", "autoset_utilization_hv_memory": "true"}
 STANDIN_CRM_TOOLS = ("crm_attribute", "crm_resource", "crm_node", "pacemakerd", "virt-xml-validate")
 
 
@@ -725,6 +727,19 @@ class ResourceAgentStandIn(Test):
         self.assertEqual(self.dumps(), [])
         self.assertEqual(self.state(), "frozen (panicked)")
 
+    def cib(self) -> dict[str, dict[str, str]]:
+        path = self.standin / "cib.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def set_capacity(self, mib: int) -> None:
+        cib = self.cib()
+        cib["util:node1"] = {"host_memory": str(mib), "hv_memory": str(mib)}
+        (self.standin / "cib.json").write_text(json.dumps(cib))
+
+    def capacity(self) -> tuple[int, int]:
+        util = self.cib().get("util:node1", {})
+        return int(util["host_memory"]), int(util["hv_memory"])
+
     def test_frozen_config_not_saved(self) -> None:
         """save_config_on_stop: a monitor of a frozen (stale) domain leaves
         the config file alone; a running domain's is still saved."""
@@ -740,6 +755,40 @@ class ResourceAgentStandIn(Test):
         r, _ = self.ocf("monitor", save_config_on_stop="true")
         self.assertEqual(r.rc, OCF_SUCCESS, r.output)
         self.assertNotEqual(self.config.read_text(), STANDIN_XML, "save_config_on_stop is inert")
+
+    def test_frozen_memory_held_on_node(self) -> None:
+        """A frozen domain's memory (64 MiB) comes off the node's capacity
+        while it exists, once however often stop and monitor see it, and
+        goes back when start replaces it or a probe finds it gone."""
+        self.set_capacity(1024)
+        self.set_state("frozen (panicked)")
+        r, _ = self.ocf("stop", **UTILIZATION)
+        self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+        self.assertEqual(self.state(), "frozen (panicked)")
+        self.assertEqual(self.capacity(), (960, 960), "the frozen memory is still counted free")
+        self.ocf("stop", **UTILIZATION)
+        self.ocf("monitor", **UTILIZATION)
+        self.assertEqual(self.capacity(), (960, 960), "held twice")
+        r, _ = self.ocf("start", frozen_dump_dir=str(self.dump_dir), **UTILIZATION)
+        self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+        self.assertEqual(self.capacity(), (1024, 1024), "not given back after the replacement")
+        self.assertNotIn("frozen-held-vm-standin", self.cib().get("attr:node1", {}))
+        # a reboot ends the frozen QEMU and clears HA_RSCTMP: the probe
+        # still gives the memory back
+        self.set_state("frozen (user)")
+        self.ocf("stop", **UTILIZATION)
+        self.assertEqual(self.capacity(), (960, 960))
+        for f in self.rsctmp.glob("*frozen-held*"):
+            f.unlink()
+        self.set_state(None)
+        r, _ = self.ocf("monitor", **UTILIZATION)
+        self.assertEqual(r.rc, OCF_NOT_RUNNING, r.output)
+        self.assertEqual(self.capacity(), (1024, 1024), "a probe did not give it back")
+        # stop_failure_action=freeze leaves a frozen domain too
+        self.set_state("running (booted)")
+        r, _ = self.ocf("stop", timeout_ms=12000, stop_failure_action="freeze", **UTILIZATION)
+        self.assertEqual((r.rc, self.state()), (OCF_SUCCESS, "frozen (user)"), r.output)
+        self.assertEqual(self.capacity(), (960, 960))
 
 
 class ResourceAgentStandInStock(ResourceAgentStandIn):
@@ -795,6 +844,16 @@ class ResourceAgentStandInStock(ResourceAgentStandIn):
         self.set_state("frozen (panicked)")
         self.ocf("monitor", save_config_on_stop="true")
         self.assertNotEqual(self.config.read_text(), STANDIN_XML)
+
+    def test_frozen_memory_held_on_node(self) -> None:
+        # stock: the stop destroys the domain (memory freed, nothing to hold)
+        # and never touches the node's capacity
+        self.set_capacity(1024)
+        self.set_state("frozen (panicked)")
+        r, _ = self.ocf("stop", **UTILIZATION)
+        self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+        self.assertIsNone(self.state())
+        self.assertEqual(self.capacity(), (1024, 1024))
 
 
 #: ocf-tester probes migrate_to and migrate_from last; VirtualDomain's
