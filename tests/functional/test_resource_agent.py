@@ -19,6 +19,13 @@ script that keeps the domain's state in a file and logs every call), for
 what a real libvirt cannot be made to do on demand: a freeze that hangs,
 a shutdown that never completes, a dump directory an attacker prepared.
 
+``ResourceAgentOcft`` runs resource-agents' ocft (``ocft make`` and
+``ocft test``, a private copy whose cases dir and OCF root are the test's)
+on the project's config tests/ocft/VirtualDomain: resource-agents' own
+VirtualDomain cases plus the frozen paths, against the same stand-ins.
+``ResourceAgentOcftStock`` is its negative control: the unpatched agent
+passes the ordinary cases and fails every frozen one.
+
 Environment: FROZEN_LIBVIRT and FROZEN_QEMU (install prefixes).
 """
 
@@ -509,6 +516,19 @@ UTILIZATION = {"autoset_utilization_host_memory": "true", "autoset_utilization_h
 STANDIN_CRM_TOOLS = ("crm_attribute", "crm_resource", "crm_node", "pacemakerd", "virt-xml-validate")
 
 
+def make_standin(standin: Path) -> Path:
+    """The stand-in virsh and cluster tools in ``standin/bin``."""
+    bindir = standin / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "virsh").write_text(STANDIN_VIRSH)
+    (bindir / "virsh").chmod(0o755)
+    (bindir / "crm-standin").write_text(STANDIN_CRM)
+    (bindir / "crm-standin").chmod(0o755)
+    for tool in STANDIN_CRM_TOOLS:
+        (bindir / tool).symlink_to("crm-standin")
+    return standin
+
+
 class ResourceAgentStandIn(Test):
     """The agent's frozen paths against a stand-in virsh (no KVM needed).
 
@@ -524,15 +544,7 @@ class ResourceAgentStandIn(Test):
         self.rsctmp = self.work / "rsctmp"
         self.rsctmp.mkdir()
         self.agent = ocf_root(tree.path, self.work / "ocf", self.rsctmp)
-        self.standin = self.work / "standin"
-        bindir = self.standin / "bin"
-        bindir.mkdir(parents=True)
-        (bindir / "virsh").write_text(STANDIN_VIRSH)
-        (bindir / "virsh").chmod(0o755)
-        (bindir / "crm-standin").write_text(STANDIN_CRM)
-        (bindir / "crm-standin").chmod(0o755)
-        for tool in STANDIN_CRM_TOOLS:
-            (bindir / tool).symlink_to("crm-standin")
+        self.standin = make_standin(self.work / "standin")
         self.config = self.work / "vm.xml"
         self.config.write_text(STANDIN_XML)
 
@@ -854,6 +866,139 @@ class ResourceAgentStandInStock(ResourceAgentStandIn):
         self.assertEqual(r.rc, OCF_SUCCESS, r.output)
         self.assertIsNone(self.state())
         self.assertEqual(self.capacity(), (1024, 1024))
+
+
+OCFT_SYSTEM = Path("/usr/share/resource-agents/ocft")
+#: the project's ocft config for the patched agent
+OCFT_CONFIG = REPO / "tests" / "ocft" / "VirtualDomain"
+OCFT_CASE_RX = re.compile(r"^Starting 'VirtualDomain' case \d+ '(.*)':$")
+OCFT_ANSI_RX = re.compile(r"\x1b\[\d+m")
+
+
+def private_ocft(dest: Path, ocf_root_dir: Path) -> Path:
+    """resource-agents' ocft, its case library and helpers, copied so that
+    its cases dir and OCF root are the test's, not /var/lib and /usr/lib."""
+    tool = shutil.which("ocft")
+    if tool is None:
+        raise AssertionError("ocft is missing (Debian package resource-agents)")
+    lib = dest / "share"
+    shutil.copytree(OCFT_SYSTEM, lib)
+    cases = dest / "cases"
+    cases.mkdir()
+    sub = {
+        "/usr/share/resource-agents/ocft": str(lib),
+        "/var/lib/resource-agents/ocft/cases": str(cases),
+        "/usr/lib/ocf/resource.d/heartbeat": str(ocf_root_dir / "resource.d" / "heartbeat"),
+        "/usr/lib/ocf/lib/heartbeat": str(ocf_root_dir / "lib" / "heartbeat"),
+        "OCF_ROOT=/usr/lib/ocf": f"OCF_ROOT={ocf_root_dir}",
+    }
+    for path in (Path(tool), lib / "caselib"):
+        text = path.read_text()
+        for old, new in sub.items():
+            text = text.replace(old, new)
+        out = dest / "ocft" if path.name == "ocft" else path
+        out.write_text(text)
+        out.chmod(0o755)
+    return dest / "ocft"
+
+
+def ocft_results(output: str) -> dict[str, bool]:
+    """case name -> passed, from ``ocft test -v`` output (colours removed).
+
+    A case fails with "FAILED" (an unexpected return code) or "ERROR:" (a
+    Bash check that failed, or a hung agent)."""
+    results: dict[str, bool] = {}
+    name = None
+    for line in output.splitlines():
+        m = OCFT_CASE_RX.search(line)
+        if m:
+            name = m.group(1)
+            results[name] = True
+        elif name is not None and ("FAILED" in line or line.startswith("ERROR:")):
+            results[name] = False
+    return results
+
+
+class ResourceAgentOcft(Test):
+    """resource-agents' ocft on the patched agent: the project's config
+    (tests/ocft/VirtualDomain: the upstream cases plus the frozen paths)
+    made with ``ocft make`` and run with ``ocft test``, against the
+    stand-in virsh and cluster tools (no KVM).  Every case must pass.
+
+    :avocado: enable
+    """
+
+    timeout = 600
+    variant = "frozen"
+
+    def run_ocft(self) -> dict[str, bool]:
+        work = Path(self.workdir)
+        tree = prepared_tree(self.variant)
+        rsctmp = work / "rsctmp"
+        rsctmp.mkdir()
+        agent = ocf_root(tree.path, work / "ocf", rsctmp)
+        ocft = private_ocft(work / "ocft", agent.parents[2])
+        standin = make_standin(work / "standin")
+        (standin / "vm.xml.orig").write_text(STANDIN_XML)
+        (standin / "vm.xml").write_text(STANDIN_XML)
+        configs = work / "configs"
+        configs.mkdir()
+        shutil.copy2(OCFT_CONFIG, configs / "VirtualDomain")
+        env = dict(os.environ)
+        env.update(
+            {
+                "STANDIN": str(standin),
+                "PATH": f"{standin / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
+                "HA_RSCTMP": str(rsctmp),
+            }
+        )
+        make = subprocess.run(
+            [str(ocft), "make", "-d", str(configs), "VirtualDomain"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(make.returncode, 0, make.stdout + make.stderr)
+        test = subprocess.run(
+            [str(ocft), "test", "-v", "VirtualDomain"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=self.timeout - 60,
+        )
+        out = OCFT_ANSI_RX.sub("", test.stdout + test.stderr)
+        (Path(self.logdir) / "ocft.txt").write_text(out)
+        results = ocft_results(out)
+        for name, ok in results.items():
+            self.log.info("ocft %-6s %s", "PASSED" if ok else "FAILED", name)
+        (Path(self.logdir) / "ocft.json").write_text(json.dumps(results, indent=1))
+        cases = OCFT_CONFIG.read_text().count('\nCASE "')
+        self.assertEqual(len(results), cases, f"ocft ran {len(results)} of {cases} cases:\n{out}")
+        return results
+
+    def test_ocft(self) -> None:
+        results = self.run_ocft()
+        failed = [n for n, ok in results.items() if not ok]
+        self.assertEqual(failed, [], "ocft cases failed; see ocft.txt")
+
+
+class ResourceAgentOcftStock(ResourceAgentOcft):
+    """Negative control: the unpatched agent passes the upstream cases and
+    fails every frozen-path case of the same config.
+
+    :avocado: enable
+    """
+
+    variant = "stock"
+
+    def test_ocft(self) -> None:
+        results = self.run_ocft()
+        frozen = {n: ok for n, ok in results.items() if n.startswith("frozen:")}
+        ordinary = {n: ok for n, ok in results.items() if not n.startswith("frozen:")}
+        self.assertTrue(frozen)
+        self.assertEqual([n for n, ok in ordinary.items() if not ok], [], ordinary)
+        self.assertEqual([n for n, ok in frozen.items() if ok], [], "stock passed a frozen case")
 
 
 #: ocf-tester probes migrate_to and migrate_from last; VirtualDomain's
