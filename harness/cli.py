@@ -106,6 +106,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace, installs=None) -> int:
     from harness import checks
 
+    if getattr(args, "cluster", False):  # the failover table (harness.failover)
+        from harness import failover
+
+        i = installs or build_all(argparse.Namespace(**{**vars(args), "project": None}))
+        qemu = {v: i[("qemu", v)].prefix for v in ("frozen", "stock")}
+        return failover.run_verify(i[("libvirt", "frozen")].prefix, qemu)
+
     installs = installs or build_all(argparse.Namespace(**{**vars(args), "project": "qemu"}))
     partial = getattr(args, "partial", False) or checks.partial_run()
     return verify_prefixes(
@@ -224,6 +231,8 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         if name == "build":
             p.add_argument("--project", choices=config.BUILT_PROJECTS)
+        if name == "verify":
+            p.add_argument("--cluster", action="store_true", help="failover on a 2-node cluster")
         else:
             p.add_argument(
                 "--partial",
