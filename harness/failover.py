@@ -18,7 +18,7 @@ the Filesystem resource, over NBD on a unix socket in the node's /run,
 through a blkdebug node; the guest's disk is that NBD export with
 ``error_policy='freeze'``.  The trigger is one host read through node 1's
 export, which arms blkdebug: every write after it fails with EIO, so
-QEMU freezes the domain (``frozen (ioerror)``).  Node 2's daemon is a new
+QEMU freezes the domain (``frozen (I/O error)``).  Node 2's daemon is a new
 process over the same file, without the armed rule: like a second path
 to a LUN whose first path died.
 

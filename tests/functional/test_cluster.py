@@ -162,21 +162,31 @@ class ClusterFailover(ClusterTest):
         keeps the memory in a paused domain that the stock agent reports
         as running, so the cluster never fails over."""
         results: list[failover.FailoverResult] = []
+        capacity = []
         try:
             with self.cluster() as cl:
                 cl.configure_defaults()
+                # node1's memory capacity (placement-strategy stays default:
+                # nothing is placed by it): the frozen domain's 64 MiB must
+                # come off it, by the agent's stop (patch 0009)
+                util = ("--type", "nodes", "--node", "node1", "--utilization")
+                util += ("--name", "host_memory")
+                cl.dc.run("crm_attribute", *util, "--update", "4096")
                 qemu = {"frozen": self.qemu["FROZEN_QEMU"], "stock": self.qemu["FROZEN_QEMU_STOCK"]}
                 for r in failover.io_error_table(cl, self.shared, qemu, self.work):
                     results.append(r)
+                    capacity.append(cl.dc.run("crm_attribute", *util, "--query", "--quiet").stdout)
                     self.log.info("%s", json.dumps(r.row()))
+                    self.log.info("node1 host_memory capacity: %s", capacity[-1].strip())
                     self.log.info("crm_mon before:\n%s", r.crm_mon_before)
                     self.log.info("crm_mon after:\n%s", r.crm_mon_after)
         finally:
             self._keep(results, "io-error")
         frozen, stock, stop = results
+        self.assertEqual([c.strip() for c in capacity], ["4032"] * 3, "node1's capacity")
 
         self.assertEqual(frozen.monitor_rc, 7, frozen.row())
-        self.assertEqual(frozen.failed_node_state, "frozen (ioerror)", frozen.row())
+        self.assertEqual(frozen.failed_node_state, "frozen (I/O error)", frozen.row())
         self.assertTrue(frozen.memory_kept, "the frozen domain lost the marker")
         self.assertTrue(frozen.same_qemu, "stop replaced or ended the frozen QEMU")
         self.assertTrue(frozen.fs_released, "the filesystem stayed mounted on node1")

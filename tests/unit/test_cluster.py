@@ -140,7 +140,7 @@ def _row(**kw: object) -> failover.FailoverResult:
         "agent": "frozen",
         "on_crash": "disk:freeze",
         "monitor_rc": 7,
-        "failed_node_state": "frozen (ioerror)",
+        "failed_node_state": "frozen (I/O error)",
         "memory_kept": True,
         "same_qemu": True,
         "fs_released": True,
