@@ -101,6 +101,13 @@ def _partial(args: argparse.Namespace) -> bool | None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if getattr(args, "cluster", False):  # the failover table (harness.failover)
+        from harness import failover
+
+        i = pipeline.build_all(**_build_options(args))
+        qemu = {v: i[("qemu", v)].prefix for v in ("frozen", "stock")}
+        return failover.run_verify(i[("libvirt", "frozen")].prefix, qemu)
+
     installs = pipeline.build_all(project="qemu", **_build_options(args))
     v = pipeline.verify(
         installs[("qemu", "frozen")].prefix,
@@ -218,6 +225,8 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         if name == "build":
             p.add_argument("--project", choices=config.BUILT_PROJECTS)
+        if name == "verify":
+            p.add_argument("--cluster", action="store_true", help="failover on a 2-node cluster")
         else:
             p.add_argument(
                 "--partial",

@@ -137,7 +137,10 @@ def cluster_supported() -> str | None:
         "ip",
     ):
         if shutil.which(prog) is None:
-            return f"{prog} is missing (Debian packages pacemaker, corosync, util-linux)"
+            return (
+                f"{prog} is missing (Debian packages pacemaker, pacemaker-cli-utils, "
+                "corosync, util-linux)"
+            )
     if not (SYSTEM_OCF / "resource.d" / "heartbeat" / "Filesystem").exists():
         return "the Filesystem agent is missing (Debian package resource-agents)"
     with contextlib.suppress(KeyError):

@@ -7,8 +7,24 @@ real clusters do).  One domain XML on shared storage serves every node;
 the console socket and log it names are node-local (the node's /run), so
 each node's instance writes its own log.
 
+The disk I/O error scenario needs a disk that fails on node 1 only, at a
+moment the test picks, while node 2 reaches the same bytes intact.  The
+device-mapper ``error`` target is not available here (the kernel has no
+device-mapper), and a dm or loop device of the one shared kernel would
+fail for both nodes alike.  So the failing layer is node-local: each
+node's group runs a qemu-storage-daemon (``ocf:heartbeat:anything``,
+between the Filesystem and the VM) that serves the disk file, still on
+the Filesystem resource, over NBD on a unix socket in the node's /run,
+through a blkdebug node; the guest's disk is that NBD export with
+``error_policy='freeze'``.  The trigger is one host read through node 1's
+export, which arms blkdebug: every write after it fails with EIO, so
+QEMU freezes the domain (``frozen (I/O error)``).  Node 2's daemon is a new
+process over the same file, without the armed rule: like a second path
+to a LUN whose first path died.
+
 A scenario starts the group on node 1, makes the guest fail there (a
-panic through the console), and measures what the cluster makes of it:
+panic through the console, the watchdog, a disk I/O error), and measures
+what the cluster makes of it:
 the failed monitor's rc, whether the failed node keeps the domain with the
 marker in memory, whether the group came up on node 2 with its guest
 writing to the same disk, and the seconds from the failure to the first
@@ -19,13 +35,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import re
 import secrets
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from harness import config, guest, libvirtd, patches
 from harness.cluster import (
@@ -53,6 +72,14 @@ FIRST_RECORDS = 3
 #: stops feeding it (it fires after the probe's wdt_timeout, 2 s)
 TRIGGERS = {"panic": guest.CMD_PANIC, "watchdog": guest.CMD_WATCHDOG}
 POLL = 0.05
+#: the disk I/O error scenario: the NBD export's name, and the blkdebug
+#: rules of its node (a host read arms them; then every write fails)
+NBD_EXPORT = "disk"
+BLKDEBUG_SET_STATE = [{"event": "read_aio", "state": 1, "new_state": 2}]
+BLKDEBUG_INJECT = [{"event": "pwritev", "state": 2, "errno": 5, "once": False, "iotype": "write"}]
+#: how long a row whose guest fails unnoticed (error_policy='stop': the
+#: stock agent reads "paused" as running) waits for a failover
+UNNOTICED_TIMEOUT = 45.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +93,11 @@ class Service:
     marker: str
     console: Path  # node-local
     console_log: Path  # node-local
+    #: the disk served over NBD by a node-local qemu-storage-daemon
+    #: (its start script on shared storage, its socket in the node's /run)
+    nbd_script: Path | None = None
+    nbd_socket: Path | None = None
+    qemu_io: Path | None = None
 
     @property
     def disk(self) -> Path:
@@ -83,12 +115,66 @@ class Service:
     def fs_id(self) -> str:
         return f"fs-{self.name}"
 
+    @property
+    def nbd_id(self) -> str:
+        return f"nbd-{self.name}"
 
-def make_service(shared: Path, qemu_prefix: Path, name: str, **domain: object) -> Service:
+
+def nbd_script(qemu_prefix: Path, disk: Path, socket: Path) -> str:
+    """A qemu-storage-daemon serving ``disk`` over NBD on ``socket``
+    through blkdebug (see BLKDEBUG_*), in the foreground: the ``anything``
+    agent keeps its PID."""
+    blockdevs = [
+        {"driver": "file", "filename": str(disk), "node-name": "file0"},
+        {
+            "driver": "blkdebug",
+            "node-name": "dbg0",
+            "image": "file0",
+            "set-state": BLKDEBUG_SET_STATE,
+            "inject-error": BLKDEBUG_INJECT,
+        },
+        {"driver": "raw", "node-name": "disk0", "file": "dbg0"},
+    ]
+    args = [str(qemu_tool(qemu_prefix, "qemu-storage-daemon"))]
+    for b in blockdevs:
+        args += ["--blockdev", json.dumps(b, separators=(",", ":"))]
+    args += [
+        "--nbd-server",
+        f"addr.type=unix,addr.path={socket}",
+        "--export",
+        f"type=nbd,id=exp0,node-name=disk0,name={NBD_EXPORT},writable=on",
+    ]
+    quoted = " ".join("'" + a.replace("'", "'\\''") + "'" for a in args)
+    return f"#!/bin/sh\nrm -f '{socket}'\nexec {quoted}\n"
+
+
+def nbd_disk_xml(xml: str, socket: Path) -> str:
+    """The domain's file disk replaced by the NBD export on ``socket``;
+    the driver (error policies) kept.  An explicit geometry spares QEMU its
+    guessing read of sector 0, which would arm blkdebug at start."""
+    dom = ET.fromstring(xml)
+    disk = dom.find("./devices/disk")
+    assert disk is not None
+    disk.set("type", "network")
+    src = disk.find("source")
+    assert src is not None
+    disk.remove(src)
+    src = ET.Element("source", protocol="nbd", name=NBD_EXPORT)
+    ET.SubElement(src, "host", transport="unix", socket=str(socket))
+    disk.insert(1, src)
+    ET.SubElement(disk, "geometry", cyls="2", heads="16", secs="63")
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def make_service(
+    shared: Path, qemu_prefix: Path, name: str, *, nbd: bool = False, **domain: object
+) -> Service:
     """The fs image (holding a raw disk), the mount point and the domain XML.
 
     The image is filled at mkfs time (``mkfs.ext4 -d``): nothing is mounted
-    on the host.
+    on the host.  ``nbd``: the guest reaches the disk through a node-local
+    qemu-storage-daemon (see the module's doc).
     """
     stage = shared / f".stage-{name}"
     stage.mkdir(parents=True)
@@ -136,8 +222,26 @@ def make_service(shared: Path, qemu_prefix: Path, name: str, **domain: object) -
         **domain,  # type: ignore[arg-type]
     )
     xml = shared / f"{name}.xml"
-    xml.write_text(dom.xml())
-    return Service(name, image, mountpoint, xml, marker, console, console_log)
+    if not nbd:
+        xml.write_text(dom.xml())
+        return Service(name, image, mountpoint, xml, marker, console, console_log)
+    socket = Path(NODE_RUN) / f"{name}.nbd"
+    script = shared / f"nbd-{name}.sh"
+    script.write_text(nbd_script(qemu_prefix, mountpoint / "disk.raw", socket))
+    script.chmod(0o755)
+    xml.write_text(nbd_disk_xml(dom.xml(), socket))
+    return Service(
+        name,
+        image,
+        mountpoint,
+        xml,
+        marker,
+        console,
+        console_log,
+        nbd_script=script,
+        nbd_socket=socket,
+        qemu_io=qemu_tool(qemu_prefix, "qemu-io"),
+    )
 
 
 def service_group(
@@ -147,7 +251,8 @@ def service_group(
     vm_params: dict[str, str] | None = None,
     meta: dict[str, str] | None = None,
 ) -> str:
-    """The group ``Filesystem`` then ``VirtualDomain`` for ``svc``.
+    """The group ``Filesystem`` then ``VirtualDomain`` for ``svc`` (with
+    the NBD daemon, ``anything``, between them when the disk is served).
 
     force_unmount=false: a filesystem still held by QEMU must fail the
     stop (and show), not have its holder killed.
@@ -176,7 +281,26 @@ def service_group(
             ("stop", "0", STOP_TIMEOUT),
         ],
     )
-    return group(svc.group_id, fs, vm, meta=meta)
+    if svc.nbd_script is None:
+        return group(svc.group_id, fs, vm, meta=meta)
+    # start returns once the socket is there (monitor_hook, polled)
+    wait_socket = (
+        f"i=0; while [ ! -S {svc.nbd_socket} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
+        f"test -S {svc.nbd_socket}"
+    )
+    nbd = primitive(
+        svc.nbd_id,
+        "heartbeat",
+        "anything",
+        {
+            "binfile": str(svc.nbd_script),
+            "logfile": f"{NODE_RUN}/{svc.name}-qsd.log",
+            "monitor_hook": wait_socket,
+            "stop_timeout": "10",
+        },
+        [("monitor", "10s", "20s"), ("start", "0", "30s"), ("stop", "0", "30s")],
+    )
+    return group(svc.group_id, fs, nbd, vm, meta=meta)
 
 
 # -- what the test looks at ------------------------------------------------------
@@ -274,9 +398,16 @@ class FailoverResult:
 
 def own_failures(st: ClusterStatus, svc: Service) -> bool:
     """Has an operation of the service's resources failed?"""
-    return any(
-        f.get("op_key", "").startswith((f"{svc.vm_id}_", f"{svc.fs_id}_")) for f in st.failures
-    )
+    ids = (f"{svc.vm_id}_", f"{svc.fs_id}_", f"{svc.nbd_id}_")
+    return any(f.get("op_key", "").startswith(ids) for f in st.failures)
+
+
+def arm_io_error(node: Node, svc: Service) -> None:
+    """One host read through the node's NBD export: from now on every
+    write of the guest there fails with EIO (BLKDEBUG_*)."""
+    assert svc.nbd_socket is not None and svc.qemu_io is not None
+    uri = f"nbd+unix:///{NBD_EXPORT}?socket={svc.nbd_socket}"
+    node.run(str(svc.qemu_io), "-r", "-f", "raw", "-c", "read 0 512", uri, timeout=30)
 
 
 def failed_monitor_rc(cl: Cluster, svc: Service, node: str) -> int | None:
@@ -334,6 +465,9 @@ def run_failover(
     if trigger == "move":
         t0 = time.monotonic()
         cl.resource("--ban", "--resource", svc.group_id, "--node", n1.name)
+    elif trigger == "ioerror":
+        t0 = time.monotonic()
+        arm_io_error(n1, svc)
     else:
         with libvirtd.Console(n1.path(svc.console)) as con:
             t0 = time.monotonic()
@@ -545,9 +679,41 @@ def failover_table(
 ) -> Iterator[FailoverResult]:
     """Every row of TABLE_ROWS on one cluster, in order."""
     for i, (trigger, provider, action, build) in enumerate(TABLE_ROWS):
-        domain = {"on_crash": action} if trigger == "panic" else {"watchdog_action": action}
+        domain: dict[str, Any] = (
+            {"on_crash": action} if trigger == "panic" else {"watchdog_action": action}
+        )
         svc = make_service(shared, qemu[build], f"v{i}{provider[:2]}{action[:2]}", **domain)
         yield run_failover(cl, svc, provider, on_crash=action, workdir=workdir, trigger=trigger)
+
+
+#: (provider, error_policy, which QEMU) of the disk I/O error rows: the
+#: series; the stock agent on the same frozen domain (negative control);
+#: today's closest choice, error_policy='stop' on stock QEMU, which keeps
+#: the memory in a paused domain that the stock agent reports as running
+IO_ROWS = (
+    ("frozen", "freeze", "frozen"),
+    ("stock", "freeze", "frozen"),
+    ("stock", "stop", "stock"),
+)
+
+
+def io_error_table(
+    cl: Cluster, shared: Path, qemu: dict[str, Path], workdir: Path
+) -> Iterator[FailoverResult]:
+    """The guest's disk fails on node1 (its NBD daemon's blkdebug armed)."""
+    for i, (provider, policy, build) in enumerate(IO_ROWS):
+        svc = make_service(
+            shared, qemu[build], f"d{i}{provider[:2]}{policy[:2]}", nbd=True, error_policy=policy
+        )
+        yield run_failover(
+            cl,
+            svc,
+            provider,
+            on_crash=f"disk:{policy}",
+            workdir=workdir,
+            trigger="ioerror",
+            timeout=UNNOTICED_TIMEOUT if policy == "stop" else FAILOVER_TIMEOUT,
+        )
 
 
 #: (provider, stop_failure_action) of the rows of the stop-failure table
@@ -574,14 +740,97 @@ def stop_failure_table(
         )
 
 
+@dataclass(frozen=True)
+class ClusterVerification:
+    """``frozen verify --cluster``: every failover row on one cluster."""
+
+    rows: tuple[FailoverResult, ...]
+    logs: Path
+
+    @property
+    def ok(self) -> bool:
+        """The series' rows keep the memory and serve from node 2."""
+        frozen = [r for r in self.rows if r.agent == "frozen"]
+        return bool(frozen) and all(
+            r.memory_kept and r.disk_opened_on_node2 and r.recovered_on == "node2" for r in frozen
+        )
+
+
+def verify_cluster(
+    workdir: Path, libvirt: Path, qemu: dict[str, Path], shared: Path
+) -> ClusterVerification:
+    """Bring up a two-node cluster in ``workdir`` and run every row: guest
+    panic and watchdog (TABLE_ROWS), disk I/O error (IO_ROWS), a stop whose
+    shutdown hangs (STOP_ROWS); stock agent against frozen.  ``qemu`` maps
+    "frozen" and "stock" to install prefixes; ``shared`` is the shared
+    storage (short: socket paths)."""
+    rows: list[FailoverResult] = []
+
+    def note(r: FailoverResult) -> None:
+        rows.append(r)
+        say(
+            f"failover: {r.trigger}, {r.agent} agent, {r.on_crash}: "
+            f"memory kept {yes_no(r.memory_kept)}, node2 serving {yes_no(serving(r))}, "
+            f"{'-' if r.failover_s is None else r.failover_s} s"
+        )
+
+    logs = workdir / "logs"
+    with Cluster(workdir / "cluster", libvirt, agent_dirs(), logdir=logs) as cl:
+        cl.configure_defaults()
+        for r in failover_table(cl, shared, qemu, workdir):
+            note(r)
+        for r in io_error_table(cl, shared, qemu, workdir):
+            note(r)
+        for r in stop_failure_table(cl, shared, qemu["frozen"], workdir):
+            note(r)
+    return ClusterVerification(tuple(rows), logs)
+
+
+def serving(r: FailoverResult) -> bool:
+    """Node 2 runs the service and its guest wrote there."""
+    return r.recovered_on == "node2" and r.node2_records > 0
+
+
+def verification_table(result: ClusterVerification) -> str:
+    """trigger x agent: memory kept, node 2 serving, seconds to failover."""
+    head = ("trigger", "agent", "action", "memory kept", "node2 serving", "failover s")
+    rows = [head]
+    for r in result.rows:
+        action = r.on_crash.split(":", 1)[-1]
+        fo = "-" if r.failover_s is None else f"{r.failover_s:.1f}"
+        rows.append((r.trigger, r.agent, action, yes_no(r.memory_kept), yes_no(serving(r)), fo))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_verify(libvirt: Path, qemu: dict[str, Path], workdir: Path | None = None) -> int:
+    """Run verify_cluster, print both tables; 0 when the series' rows pass."""
+    import shutil
+    import tempfile
+
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="frozen-verify-cluster-"))
+    shared = Path(tempfile.mkdtemp(prefix="frozen-cl-"))
+    try:
+        result = verify_cluster(workdir, libvirt, qemu, shared)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    print(verification_table(result))
+    print()
+    print(table(list(result.rows)))
+    print(f"\ncrm_mon snapshots and logs: {result.logs}")
+    return 0 if result.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.failover [WORKDIR]``: the failover table on
     this machine, stock agent against frozen, from the cached builds (or
     FROZEN_LIBVIRT, FROZEN_QEMU, FROZEN_QEMU_STOCK)."""
     import os
-    import shutil
     import sys
-    import tempfile
 
     args = sys.argv[1:] if argv is None else argv
     from harness.build import install_prefix
@@ -591,25 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         "frozen": Path(os.environ.get("FROZEN_QEMU", install_prefix("qemu", "frozen"))),
         "stock": Path(os.environ.get("FROZEN_QEMU_STOCK", install_prefix("qemu", "stock"))),
     }
-    workdir = Path(args[0]) if args else Path(tempfile.mkdtemp(prefix="frozen-verify-cluster-"))
-    shared = Path(tempfile.mkdtemp(prefix="frozen-cl-"))
-    results: list[FailoverResult] = []
-    try:
-        with Cluster(workdir / "cluster", libvirt, agent_dirs(), logdir=workdir / "logs") as cl:
-            cl.configure_defaults()
-            for r in failover_table(cl, shared, qemu, workdir):
-                results.append(r)
-                say(
-                    f"failover: {r.trigger}, {r.agent} agent, action {r.on_crash}: "
-                    f"{'-' if r.failover_s is None else r.failover_s} s"
-                )
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
-    print(table(results))
-    print(f"\ncrm_mon snapshots and logs: {workdir / 'logs'}")
-    frozen = results[0]
-    ok = frozen.memory_kept and frozen.disk_opened_on_node2 and frozen.monitor_rc == 7
-    return 0 if ok else 1
+    return run_verify(libvirt, qemu, Path(args[0]) if args else None)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ failover table is one trigger x agent x action, all on the same cluster:
 * a watchdog expiry with ``<watchdog action='freeze'/>``, frozen agent and
   stock agent (negative control), the same checks as the panic.
 
+``test_io_error_failover``: a disk I/O error with ``error_policy='freeze'``
+(the disk served by a node-local qemu-storage-daemon through blkdebug; see
+its docstring for why there and not device-mapper), frozen agent, stock
+agent, and error_policy='stop' on stock QEMU.
+
 ``test_same_node_recovery`` leaves migration-threshold at its default
 (frozen_dump_dir set: dump and restart on node 1; unset: OCF_ERR_INSTALLED
 and the group moves), ``test_stop_failure_freeze`` moves the group while
@@ -140,6 +145,64 @@ class ClusterFailover(ClusterTest):
             self.assertFalse(r.memory_kept, r.row())
             self.assertEqual(r.recovered_on, "node2", r.row())
             self.assertTrue(r.disk_opened_on_node2, r.row())
+
+    def test_io_error_failover(self) -> None:
+        """A disk I/O error on node1 with error_policy='freeze': the guest's
+        disk is served over NBD by a node-local qemu-storage-daemon in the
+        group (Filesystem, then the daemon, then the VM: the disk file
+        stays on the Filesystem resource), through blkdebug.  The device
+        mapper is not used: this kernel has none, and a dm or loop device
+        of the one kernel both nodes share would fail on node 2 as well;
+        the daemon is node-local, so only node 1's path to the disk fails,
+        as with a storage path lost on one node.  The test arms blkdebug
+        with one read through node 1's export; the guest's next write
+        fails, QEMU freezes, monitor rc 7, node 2 opens the same file and
+        writes.  Negative controls: the stock agent destroys the frozen
+        domain (memory lost); today's error_policy='stop' on stock QEMU
+        keeps the memory in a paused domain that the stock agent reports
+        as running, so the cluster never fails over."""
+        results: list[failover.FailoverResult] = []
+        capacity = []
+        try:
+            with self.cluster() as cl:
+                cl.configure_defaults()
+                # node1's memory capacity (placement-strategy stays default:
+                # nothing is placed by it): the frozen domain's 64 MiB must
+                # come off it, by the agent's stop (patch 0009)
+                util = ("--type", "nodes", "--node", "node1", "--utilization")
+                util += ("--name", "host_memory")
+                cl.dc.run("crm_attribute", *util, "--update", "4096")
+                qemu = {"frozen": self.qemu["FROZEN_QEMU"], "stock": self.qemu["FROZEN_QEMU_STOCK"]}
+                for r in failover.io_error_table(cl, self.shared, qemu, self.work):
+                    results.append(r)
+                    capacity.append(cl.dc.run("crm_attribute", *util, "--query", "--quiet").stdout)
+                    self.log.info("%s", json.dumps(r.row()))
+                    self.log.info("node1 host_memory capacity: %s", capacity[-1].strip())
+                    self.log.info("crm_mon before:\n%s", r.crm_mon_before)
+                    self.log.info("crm_mon after:\n%s", r.crm_mon_after)
+        finally:
+            self._keep(results, "io-error")
+        frozen, stock, stop = results
+        self.assertEqual([c.strip() for c in capacity], ["4032"] * 3, "node1's capacity")
+
+        self.assertEqual(frozen.monitor_rc, 7, frozen.row())
+        self.assertEqual(frozen.failed_node_state, "frozen (I/O error)", frozen.row())
+        self.assertTrue(frozen.memory_kept, "the frozen domain lost the marker")
+        self.assertTrue(frozen.same_qemu, "stop replaced or ended the frozen QEMU")
+        self.assertTrue(frozen.fs_released, "the filesystem stayed mounted on node1")
+        self.assertEqual(frozen.recovered_on, "node2", frozen.row())
+        self.assertTrue(frozen.disk_opened_on_node2, frozen.row())
+        self.assertIsNotNone(frozen.failover_s)
+
+        self.assertEqual(stock.monitor_rc, 1, stock.row())
+        self.assertEqual(stock.failed_node_state, "absent", stock.row())
+        self.assertFalse(stock.memory_kept, stock.row())
+        self.assertTrue(stock.disk_opened_on_node2, stock.row())
+
+        self.assertTrue(stop.failed_node_state.startswith("paused"), stop.row())
+        self.assertIsNone(stop.failover_s, stop.row())
+        self.assertEqual(stop.recovered_on, "node1", stop.row())
+        self.assertFalse(stop.disk_opened_on_node2, stop.row())
 
     def test_same_node_recovery(self) -> None:
         """migration-threshold at its default: Pacemaker restarts where the

@@ -19,6 +19,13 @@ script that keeps the domain's state in a file and logs every call), for
 what a real libvirt cannot be made to do on demand: a freeze that hangs,
 a shutdown that never completes, a dump directory an attacker prepared.
 
+``ResourceAgentOcft`` runs resource-agents' ocft (``ocft make`` and
+``ocft test``, a private copy whose cases dir and OCF root are the test's)
+on the project's config tests/ocft/VirtualDomain: resource-agents' own
+VirtualDomain cases plus the frozen paths, against the same stand-ins.
+``ResourceAgentOcftStock`` is its negative control: the unpatched agent
+passes the ordinary cases and fails every frozen one.
+
 Environment: FROZEN_LIBVIRT and FROZEN_QEMU (install prefixes).
 """
 
@@ -445,6 +452,82 @@ elif cmd == "dumpxml":
 
 STANDIN_XML = "<domain type='kvm'>\n  <name>vm</name>\n</domain>\n"
 
+#: Stand-ins for the cluster tools the agent calls (one script, by the name
+#: it is called as): crm_attribute and crm_resource keep node attributes,
+#: node utilization and resource utilization in $STANDIN/cib.json; crm_node
+#: says "node1"; virt-xml-validate accepts everything.  Calls are logged
+#: to $STANDIN/calls like the stand-in virsh's.
+STANDIN_CRM = r"""#!/usr/bin/env python3
+import json, os, sys
+d = os.environ["STANDIN"]
+tool, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+with open(os.path.join(d, "calls"), "a") as f:
+    f.write(json.dumps([tool, *args]) + "\n")
+if tool == "crm_node":
+    sys.exit(print("node1"))
+if tool == "pacemakerd":
+    sys.exit(print("Pacemaker 2.1.5"))
+if tool == "virt-xml-validate":
+    sys.exit(0)
+path = os.path.join(d, "cib.json")
+try:
+    cib = json.load(open(path))
+except FileNotFoundError:
+    cib = {}
+opts, flags, i = {}, set(), 0
+longs = {"-t": "--type", "-N": "--node", "-n": "--name", "-v": "--update", "-r": "--resource",
+         "-p": "--set-parameter", "-g": "--get-parameter", "-G": "--query", "-D": "--delete",
+         "-z": "--utilization", "-Q": "--quiet", "-q": "--quiet"}
+while i < len(args):
+    a = args[i]
+    if "=" in a and a.startswith("--"):
+        k, v = a.split("=", 1)
+        opts[k] = v
+    elif longs.get(a, a) in ("--type", "--node", "--name", "--update", "--resource",
+                             "--set-parameter", "--get-parameter", "--parameter-value",
+                             "--delete-parameter"):
+        opts[longs.get(a, a)] = args[i + 1]
+        i += 1
+    else:
+        flags.add(longs.get(a, a))
+    i += 1
+if tool == "crm_resource":  # the resource's own utilization: accepted, kept
+    key = "rsc-util"
+    name = (opts.get("--get-parameter") or opts.get("--set-parameter")
+            or opts.get("--delete-parameter"))
+    value = opts.get("--update") or opts.get("--parameter-value")
+else:
+    key = ("util:" if "--utilization" in flags else "attr:") + opts.get("--node", "")
+    name, value = opts.get("--name"), opts.get("--update")
+table = cib.setdefault(key, {})
+if "--query" in flags or "--get-parameter" in opts:
+    if name not in table:
+        print("Error performing operation: No such device or address", file=sys.stderr)
+        sys.exit(6)
+    sys.exit(print(table[name]))
+if "--delete" in flags or "--delete-parameter" in opts:
+    table.pop(name, None)
+elif value is not None:
+    table[name] = value
+json.dump(cib, open(path, "w"))
+"""
+#: the agent manages the resource's memory utilization
+UTILIZATION = {"autoset_utilization_host_memory": "true", "autoset_utilization_hv_memory": "true"}
+STANDIN_CRM_TOOLS = ("crm_attribute", "crm_resource", "crm_node", "pacemakerd", "virt-xml-validate")
+
+
+def make_standin(standin: Path) -> Path:
+    """The stand-in virsh and cluster tools in ``standin/bin``."""
+    bindir = standin / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "virsh").write_text(STANDIN_VIRSH)
+    (bindir / "virsh").chmod(0o755)
+    (bindir / "crm-standin").write_text(STANDIN_CRM)
+    (bindir / "crm-standin").chmod(0o755)
+    for tool in STANDIN_CRM_TOOLS:
+        (bindir / tool).symlink_to("crm-standin")
+    return standin
+
 
 class ResourceAgentStandIn(Test):
     """The agent's frozen paths against a stand-in virsh (no KVM needed).
@@ -461,11 +544,7 @@ class ResourceAgentStandIn(Test):
         self.rsctmp = self.work / "rsctmp"
         self.rsctmp.mkdir()
         self.agent = ocf_root(tree.path, self.work / "ocf", self.rsctmp)
-        self.standin = self.work / "standin"
-        bindir = self.standin / "bin"
-        bindir.mkdir(parents=True)
-        (bindir / "virsh").write_text(STANDIN_VIRSH)
-        (bindir / "virsh").chmod(0o755)
+        self.standin = make_standin(self.work / "standin")
         self.config = self.work / "vm.xml"
         self.config.write_text(STANDIN_XML)
 
@@ -660,6 +739,69 @@ class ResourceAgentStandIn(Test):
         self.assertEqual(self.dumps(), [])
         self.assertEqual(self.state(), "frozen (panicked)")
 
+    def cib(self) -> dict[str, dict[str, str]]:
+        path = self.standin / "cib.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def set_capacity(self, mib: int) -> None:
+        cib = self.cib()
+        cib["util:node1"] = {"host_memory": str(mib), "hv_memory": str(mib)}
+        (self.standin / "cib.json").write_text(json.dumps(cib))
+
+    def capacity(self) -> tuple[int, int]:
+        util = self.cib().get("util:node1", {})
+        return int(util["host_memory"]), int(util["hv_memory"])
+
+    def test_frozen_config_not_saved(self) -> None:
+        """save_config_on_stop: a monitor of a frozen (stale) domain leaves
+        the config file alone; a running domain's is still saved."""
+        self.set_state("frozen (panicked)")
+        self.calls()
+        r, _ = self.ocf("monitor", save_config_on_stop="true")
+        self.assertEqual(r.rc, OCF_NOT_RUNNING, r.output)
+        self.assertEqual(self.config.read_text(), STANDIN_XML, "a frozen domain's config was saved")
+        # (update_emulator_cache reads the live XML; save_config the inactive)
+        self.assertNotIn(["dumpxml", "--inactive"], [c[:2] for c in self.calls()])
+        # the parameter still works for a running domain
+        self.set_state("running (booted)")
+        r, _ = self.ocf("monitor", save_config_on_stop="true")
+        self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+        self.assertNotEqual(self.config.read_text(), STANDIN_XML, "save_config_on_stop is inert")
+
+    def test_frozen_memory_held_on_node(self) -> None:
+        """A frozen domain's memory (64 MiB) comes off the node's capacity
+        while it exists, once however often stop and monitor see it, and
+        goes back when start replaces it or a probe finds it gone."""
+        self.set_capacity(1024)
+        self.set_state("frozen (panicked)")
+        r, _ = self.ocf("stop", **UTILIZATION)
+        self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+        self.assertEqual(self.state(), "frozen (panicked)")
+        self.assertEqual(self.capacity(), (960, 960), "the frozen memory is still counted free")
+        self.ocf("stop", **UTILIZATION)
+        self.ocf("monitor", **UTILIZATION)
+        self.assertEqual(self.capacity(), (960, 960), "held twice")
+        r, _ = self.ocf("start", frozen_dump_dir=str(self.dump_dir), **UTILIZATION)
+        self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+        self.assertEqual(self.capacity(), (1024, 1024), "not given back after the replacement")
+        self.assertNotIn("frozen-held-vm-standin", self.cib().get("attr:node1", {}))
+        # a reboot ends the frozen QEMU and clears HA_RSCTMP: the probe
+        # still gives the memory back
+        self.set_state("frozen (user)")
+        self.ocf("stop", **UTILIZATION)
+        self.assertEqual(self.capacity(), (960, 960))
+        for f in self.rsctmp.glob("*frozen-held*"):
+            f.unlink()
+        self.set_state(None)
+        r, _ = self.ocf("monitor", **UTILIZATION)
+        self.assertEqual(r.rc, OCF_NOT_RUNNING, r.output)
+        self.assertEqual(self.capacity(), (1024, 1024), "a probe did not give it back")
+        # stop_failure_action=freeze leaves a frozen domain too
+        self.set_state("running (booted)")
+        r, _ = self.ocf("stop", timeout_ms=12000, stop_failure_action="freeze", **UTILIZATION)
+        self.assertEqual((r.rc, self.state()), (OCF_SUCCESS, "frozen (user)"), r.output)
+        self.assertEqual(self.capacity(), (960, 960))
+
 
 class ResourceAgentStandInStock(ResourceAgentStandIn):
     """Negative control: the unpatched agent fails the stand-in checks.
@@ -708,6 +850,155 @@ class ResourceAgentStandInStock(ResourceAgentStandIn):
 
     def test_dump_bounded_by_start_timeout(self) -> None:
         self._stock_start_over_frozen(frozen_dump_dir=str(self.dump_dir))
+
+    def test_frozen_config_not_saved(self) -> None:
+        # stock saves the stale frozen domain's definition on every monitor
+        self.set_state("frozen (panicked)")
+        self.ocf("monitor", save_config_on_stop="true")
+        self.assertNotEqual(self.config.read_text(), STANDIN_XML)
+
+    def test_frozen_memory_held_on_node(self) -> None:
+        # stock: the stop destroys the domain (memory freed, nothing to hold)
+        # and never touches the node's capacity
+        self.set_capacity(1024)
+        self.set_state("frozen (panicked)")
+        r, _ = self.ocf("stop", **UTILIZATION)
+        self.assertEqual(r.rc, OCF_SUCCESS, r.output)
+        self.assertIsNone(self.state())
+        self.assertEqual(self.capacity(), (1024, 1024))
+
+
+OCFT_SYSTEM = Path("/usr/share/resource-agents/ocft")
+#: the project's ocft config for the patched agent
+OCFT_CONFIG = REPO / "tests" / "ocft" / "VirtualDomain"
+OCFT_CASE_RX = re.compile(r"^Starting 'VirtualDomain' case \d+ '(.*)':$")
+OCFT_ANSI_RX = re.compile(r"\x1b\[\d+m")
+
+
+def private_ocft(dest: Path, ocf_root_dir: Path) -> Path:
+    """resource-agents' ocft, its case library and helpers, copied so that
+    its cases dir and OCF root are the test's, not /var/lib and /usr/lib."""
+    tool = shutil.which("ocft")
+    if tool is None:
+        raise AssertionError("ocft is missing (Debian package resource-agents)")
+    lib = dest / "share"
+    shutil.copytree(OCFT_SYSTEM, lib)
+    cases = dest / "cases"
+    cases.mkdir()
+    sub = {
+        "/usr/share/resource-agents/ocft": str(lib),
+        "/var/lib/resource-agents/ocft/cases": str(cases),
+        "/usr/lib/ocf/resource.d/heartbeat": str(ocf_root_dir / "resource.d" / "heartbeat"),
+        "/usr/lib/ocf/lib/heartbeat": str(ocf_root_dir / "lib" / "heartbeat"),
+        "OCF_ROOT=/usr/lib/ocf": f"OCF_ROOT={ocf_root_dir}",
+    }
+    for path in (Path(tool), lib / "caselib"):
+        text = path.read_text()
+        for old, new in sub.items():
+            text = text.replace(old, new)
+        out = dest / "ocft" if path.name == "ocft" else path
+        out.write_text(text)
+        out.chmod(0o755)
+    return dest / "ocft"
+
+
+def ocft_results(output: str) -> dict[str, bool]:
+    """case name -> passed, from ``ocft test -v`` output (colours removed).
+
+    A case fails with "FAILED" (an unexpected return code) or "ERROR:" (a
+    Bash check that failed, or a hung agent)."""
+    results: dict[str, bool] = {}
+    name = None
+    for line in output.splitlines():
+        m = OCFT_CASE_RX.search(line)
+        if m:
+            name = m.group(1)
+            results[name] = True
+        elif name is not None and ("FAILED" in line or line.startswith("ERROR:")):
+            results[name] = False
+    return results
+
+
+class ResourceAgentOcft(Test):
+    """resource-agents' ocft on the patched agent: the project's config
+    (tests/ocft/VirtualDomain: the upstream cases plus the frozen paths)
+    made with ``ocft make`` and run with ``ocft test``, against the
+    stand-in virsh and cluster tools (no KVM).  Every case must pass.
+
+    :avocado: enable
+    """
+
+    timeout = 600
+    variant = "frozen"
+
+    def run_ocft(self) -> dict[str, bool]:
+        work = Path(self.workdir)
+        tree = prepared_tree(self.variant)
+        rsctmp = work / "rsctmp"
+        rsctmp.mkdir()
+        agent = ocf_root(tree.path, work / "ocf", rsctmp)
+        ocft = private_ocft(work / "ocft", agent.parents[2])
+        standin = make_standin(work / "standin")
+        (standin / "vm.xml.orig").write_text(STANDIN_XML)
+        (standin / "vm.xml").write_text(STANDIN_XML)
+        configs = work / "configs"
+        configs.mkdir()
+        shutil.copy2(OCFT_CONFIG, configs / "VirtualDomain")
+        env = dict(os.environ)
+        env.update(
+            {
+                "STANDIN": str(standin),
+                "PATH": f"{standin / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
+                "HA_RSCTMP": str(rsctmp),
+            }
+        )
+        make = subprocess.run(
+            [str(ocft), "make", "-d", str(configs), "VirtualDomain"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(make.returncode, 0, make.stdout + make.stderr)
+        test = subprocess.run(
+            [str(ocft), "test", "-v", "VirtualDomain"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=self.timeout - 60,
+        )
+        out = OCFT_ANSI_RX.sub("", test.stdout + test.stderr)
+        (Path(self.logdir) / "ocft.txt").write_text(out)
+        results = ocft_results(out)
+        for name, ok in results.items():
+            self.log.info("ocft %-6s %s", "PASSED" if ok else "FAILED", name)
+        (Path(self.logdir) / "ocft.json").write_text(json.dumps(results, indent=1))
+        cases = OCFT_CONFIG.read_text().count('\nCASE "')
+        self.assertEqual(len(results), cases, f"ocft ran {len(results)} of {cases} cases:\n{out}")
+        return results
+
+    def test_ocft(self) -> None:
+        results = self.run_ocft()
+        failed = [n for n, ok in results.items() if not ok]
+        self.assertEqual(failed, [], "ocft cases failed; see ocft.txt")
+
+
+class ResourceAgentOcftStock(ResourceAgentOcft):
+    """Negative control: the unpatched agent passes the upstream cases and
+    fails every frozen-path case of the same config.
+
+    :avocado: enable
+    """
+
+    variant = "stock"
+
+    def test_ocft(self) -> None:
+        results = self.run_ocft()
+        frozen = {n: ok for n, ok in results.items() if n.startswith("frozen:")}
+        ordinary = {n: ok for n, ok in results.items() if not n.startswith("frozen:")}
+        self.assertTrue(frozen)
+        self.assertEqual([n for n, ok in ordinary.items() if not ok], [], ordinary)
+        self.assertEqual([n for n, ok in frozen.items() if ok], [], "stock passed a frozen case")
 
 
 #: ocf-tester probes migrate_to and migrate_from last; VirtualDomain's

@@ -132,3 +132,88 @@ def test_table() -> None:
 def test_cluster_supported_names_a_reason_or_none() -> None:
     why = cluster.cluster_supported()
     assert why is None or (isinstance(why, str) and why)
+
+
+def _row(**kw: object) -> failover.FailoverResult:
+    base: dict[str, object] = {
+        "trigger": "ioerror",
+        "agent": "frozen",
+        "on_crash": "disk:freeze",
+        "monitor_rc": 7,
+        "failed_node_state": "frozen (I/O error)",
+        "memory_kept": True,
+        "same_qemu": True,
+        "fs_released": True,
+        "recovered_on": "node2",
+        "disk_opened_on_node2": True,
+        "node2_records": 3,
+        "failover_s": 4.25,
+        "crm_mon_before": "",
+        "crm_mon_after": "",
+    }
+    base.update(kw)
+    return failover.FailoverResult(**base)  # type: ignore[arg-type]
+
+
+def test_nbd_disk_xml_keeps_the_policy_and_sets_the_geometry() -> None:
+    xml = (
+        "<domain><devices><disk type='file' device='disk'>"
+        "<driver name='qemu' type='raw' error_policy='freeze' rerror_policy='freeze'/>"
+        "<source file='/m/disk.raw'/><target dev='vda' bus='virtio'/></disk></devices></domain>"
+    )
+    disk = ET.fromstring(failover.nbd_disk_xml(xml, Path("/run/frozen/d.nbd"))).find(
+        "./devices/disk"
+    )
+    assert disk is not None and disk.get("type") == "network"
+    drv, src, geo = disk.find("driver"), disk.find("source"), disk.find("geometry")
+    assert drv is not None and drv.get("error_policy") == "freeze"
+    assert src is not None and src.get("protocol") == "nbd" and src.get("name") == "disk"
+    host = src.find("host")
+    assert host is not None and host.get("socket") == "/run/frozen/d.nbd"
+    assert geo is not None and (geo.get("cyls"), geo.get("heads"), geo.get("secs")) == (
+        "2",
+        "16",
+        "63",
+    )
+
+
+def test_nbd_script_arms_on_a_read_and_fails_writes() -> None:
+    text = failover.nbd_script(Path("/q"), Path("/m/disk.raw"), Path("/run/frozen/d.nbd"))
+    assert text.startswith("#!/bin/sh\n")
+    assert "exec '/q/bin/qemu-storage-daemon'" in text
+    assert '"set-state":[{"event":"read_aio","state":1,"new_state":2}]' in text
+    assert '"errno":5' in text and '"iotype":"write"' in text
+    assert "addr.path=/run/frozen/d.nbd" in text and "writable=on" in text
+
+
+def test_verification_table_and_verdict() -> None:
+    rows = (
+        _row(),
+        _row(
+            agent="stock",
+            on_crash="disk:stop",
+            memory_kept=True,
+            recovered_on="node1",
+            disk_opened_on_node2=False,
+            node2_records=0,
+            failover_s=None,
+        ),
+    )
+    v = failover.ClusterVerification(rows, Path("/logs"))
+    lines = failover.verification_table(v).splitlines()
+    assert lines[0].split() == [
+        "trigger",
+        "agent",
+        "action",
+        "memory",
+        "kept",
+        "node2",
+        "serving",
+        "failover",
+        "s",
+    ]
+    assert lines[2].split() == ["ioerror", "frozen", "freeze", "yes", "yes", "4.2"]
+    assert lines[3].split() == ["ioerror", "stock", "stop", "yes", "no", "-"]
+    assert v.ok
+    assert not failover.ClusterVerification((_row(memory_kept=False),), Path("/l")).ok
+    assert not failover.ClusterVerification((), Path("/l")).ok
