@@ -7,7 +7,7 @@ table after the freeze and again round after round during the soak; the
 monitor fuzz tries it after its last call; the fuzz's follow-up probes (an
 NBD client write, a gdbstub continue) are the same functions.
 
-A try returns ``(refused, message)``; :func:`attempt` turns it into an
+A try returns an :class:`Outcome`; :func:`attempt` turns it into an
 :class:`Attempt`, noting whether QEMU is alive and still frozen after it.
 """
 
@@ -39,8 +39,25 @@ from harness.vm import VM, VMCommandError, VMError, qemu_tool
 #: Where the NBD client and HMP qemu-io write: away from the probe's records.
 NBD_WRITE_OFFSET = 512 << 10
 
-#: What a try returns: refused, and what QEMU (or the client) said.
-Try = Callable[[Rig], tuple[bool, str]]
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one try got: refused or not, and what QEMU (or the client) said."""
+
+    refused: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class ClientWrite:
+    """What a real client's write did: written or not, and its output."""
+
+    wrote: bool
+    text: str
+
+
+#: A try: one way to run the guest or write its disk or NIC, on a rig.
+Try = Callable[[Rig], Outcome]
 
 
 @dataclass
@@ -72,12 +89,11 @@ class WritePath:
     soak: bool = False
 
 
-def attempt(
-    vm: VM, name: str, fn: Callable[[], tuple[bool, str]], expect_status: str = "frozen"
-) -> Attempt:
-    """Run one write/run attempt; ``fn`` returns (refused, message)."""
+def attempt(vm: VM, name: str, fn: Callable[[], Outcome], expect_status: str = "frozen") -> Attempt:
+    """Run one write/run attempt (``fn``) and see whether QEMU held."""
     try:
-        refused, msg = fn()
+        out = fn()
+        refused, msg = out.refused, out.message
     except VMCommandError as e:
         refused, msg = True, f"{e.error_class}: {e.desc}"
     except (VMError, RigError, OSError, subprocess.SubprocessError) as e:
@@ -94,24 +110,24 @@ def attempt(
     return Attempt(name, refused, msg, alive, status == expect_status)
 
 
-def cmd_refused(vm: VM, name: str, args: Mapping[str, Any] | None = None) -> tuple[bool, str]:
+def cmd_refused(vm: VM, name: str, args: Mapping[str, Any] | None = None) -> Outcome:
     err = vm.try_cmd(name, args)
     if err is None:
-        return False, "accepted"
-    return True, f"{err.error_class}: {err.desc}"
+        return Outcome(False, "accepted")
+    return Outcome(True, f"{err.error_class}: {err.desc}")
 
 
-def hmp_refused(vm: VM, line: str) -> tuple[bool, str]:
+def hmp_refused(vm: VM, line: str) -> Outcome:
     text = vm.hmp(line).strip()
     # HMP reports errors as text; an empty answer means it was done.
-    return bool(text), text or "accepted"
+    return Outcome(bool(text), text or "accepted")
 
 
 # -- the write paths that need more than one command -----------------------------
 
 
-def nbd_client_write(prefix: Path, sock: Path, export: str) -> tuple[bool, str]:
-    """A real NBD client write through QEMU's own client; True if it succeeded.
+def nbd_client_write(prefix: Path, sock: Path, export: str) -> ClientWrite:
+    """A real NBD client write through QEMU's own client.
 
     It writes 4 KiB of 0x5a at NBD_WRITE_OFFSET, away from the probe's records.
     """
@@ -120,7 +136,7 @@ def nbd_client_write(prefix: Path, sock: Path, export: str) -> tuple[bool, str]:
     r = run_tool([qemu_tool(prefix, "qemu-io"), "-f", "raw", "-c", cmd, uri], timeout=30)
     text = (r.stdout + r.stderr).strip()
     ok = r.returncode == 0 and "wrote 4096" in text and "failed" not in text.lower()
-    return ok, text
+    return ClientWrite(ok, text)
 
 
 def gdb_send(sock: socket.socket, body: str) -> None:
@@ -148,7 +164,7 @@ def gdb_reply(sock: socket.socket, timeout: float) -> str | None:
     return None
 
 
-def gdb_continue_step(vm: VM, path: Path, wait_s: float = 1.0) -> tuple[bool, str]:
+def gdb_continue_step(vm: VM, path: Path, wait_s: float = 1.0) -> Outcome:
     """Attach to a gdbstub listening on ``path``, continue, then single-step.
 
     Refused means the guest did not run: no new record on the console (the
@@ -177,28 +193,28 @@ def gdb_continue_step(vm: VM, path: Path, wait_s: float = 1.0) -> tuple[bool, st
         gdb_send(gdb, "D")
         notes.append(f"D -> {gdb_reply(gdb, wait_s)}")
     if ran:
-        return False, ran
-    return True, "; ".join(notes)
+        return Outcome(False, ran)
+    return Outcome(True, "; ".join(notes))
 
 
-def _gdb_run_refused(rig: Rig) -> tuple[bool, str]:
+def _gdb_run_refused(rig: Rig) -> Outcome:
     """Start QEMU's gdbstub over HMP and try it (see gdb_continue_step)."""
     vm = rig.vm
     path = vm.paths.sock_dir / "gdb.sock"
     out = vm.hmp(f"gdbserver unix:{path},server=on,wait=off").strip()
     if not path.exists():
-        return True, f"gdbserver not started: {out}"
+        return Outcome(True, f"gdbserver not started: {out}")
     try:
         return gdb_continue_step(vm, path)
     finally:
         vm.hmp("gdbserver none")
 
 
-def _migrate_refused(rig: Rig) -> tuple[bool, str]:
+def _migrate_refused(rig: Rig) -> Outcome:
     vm = rig.vm
     err = vm.try_cmd("migrate", {"uri": f"file:{rig.workdir / 'migrate.bin'}"})
     if err is not None:
-        return True, f"{err.error_class}: {err.desc}"
+        return Outcome(True, f"{err.error_class}: {err.desc}")
     # Accepted: let it finish (it inactivates the disks at the end), so what
     # follows sees one state, not a race with the migration thread.
     deadline = time.monotonic() + 30
@@ -208,16 +224,16 @@ def _migrate_refused(rig: Rig) -> tuple[bool, str]:
         if status in ("completed", "failed", "cancelled"):
             break
         time.sleep(0.05)
-    return False, f"migrate accepted ({status})"
+    return Outcome(False, f"migrate accepted ({status})")
 
 
-def _hmp_io_write_refused(vm: VM) -> tuple[bool, str]:
+def _hmp_io_write_refused(vm: VM) -> Outcome:
     """HMP qemu-io writing into the guest's disk, away from its records."""
     text = vm.hmp(f'qemu-io {DISK_NODE} "write -P 0x33 {NBD_WRITE_OFFSET + 8192} 512"').strip()
-    return "wrote" not in text, text or "no output"
+    return Outcome("wrote" not in text, text or "no output")
 
 
-def _blockdev_add_refused(rig: Rig) -> tuple[bool, str]:
+def _blockdev_add_refused(rig: Rig) -> Outcome:
     extra = rig.workdir / "extra.raw"
     create_image(rig.prefix, extra, "raw")
     return cmd_refused(
@@ -231,33 +247,36 @@ def _blockdev_add_refused(rig: Rig) -> tuple[bool, str]:
     )
 
 
-def _backup_refused(rig: Rig) -> tuple[bool, str]:
+def _backup_refused(rig: Rig) -> Outcome:
     vm = rig.vm
     err = vm.try_cmd(
         "blockdev-backup",
         {"job-id": "frz-backup", "device": DISK_NODE, "target": "tgt0", "sync": "full"},
     )
     if err is not None:
-        return True, f"{err.error_class}: {err.desc}"
+        return Outcome(True, f"{err.error_class}: {err.desc}")
     # Accepted: let it run to the end so the damage is measured.
     with contextlib.suppress(VMError):
         vm.event_wait("BLOCK_JOB_COMPLETED", 30, match={"data": {"device": "frz-backup"}})
-    return False, "blockdev-backup accepted"
+    return Outcome(False, "blockdev-backup accepted")
 
 
-def _nbd_write_refused(rig: Rig, export: str) -> tuple[bool, str]:
-    wrote, text = nbd_client_write(rig.prefix, rig.nbd_socket, export)
-    return not wrote, f"NBD client write {'succeeded' if wrote else 'failed'}: {text[-200:]}"
+def _nbd_write_refused(rig: Rig, export: str) -> Outcome:
+    w = nbd_client_write(rig.prefix, rig.nbd_socket, export)
+    said = f"NBD client write {'succeeded' if w.wrote else 'failed'}: {w.text[-200:]}"
+    return Outcome(not w.wrote, said)
 
 
-def _export_add_refused(rig: Rig) -> tuple[bool, str]:
+def _export_add_refused(rig: Rig) -> Outcome:
     err = rig.vm.try_cmd(
         "block-export-add",
         {"type": "nbd", "id": "post", "node-name": DISK_NODE, "name": "post", "writable": True},
     )
-    wrote, _text = nbd_client_write(rig.prefix, rig.nbd_socket, "post")
+    wrote = nbd_client_write(rig.prefix, rig.nbd_socket, "post").wrote
     msg = "accepted" if err is None else f"{err.error_class}: {err.desc}"
-    return err is not None and not wrote, f"{msg}; client write {'ok' if wrote else 'failed'}"
+    return Outcome(
+        err is not None and not wrote, f"{msg}; client write {'ok' if wrote else 'failed'}"
+    )
 
 
 # -- the table -------------------------------------------------------------------
@@ -266,7 +285,7 @@ def _export_add_refused(rig: Rig) -> tuple[bool, str]:
 def _qmp(name: str, args: Callable[[Rig], dict[str, Any]] | dict[str, Any] | None = None) -> Try:
     """A try that is one QMP command (``args`` may depend on the rig)."""
 
-    def run(rig: Rig) -> tuple[bool, str]:
+    def run(rig: Rig) -> Outcome:
         return cmd_refused(rig.vm, name, args(rig) if callable(args) else args)
 
     return run

@@ -1618,8 +1618,7 @@ class _Fuzzer:
     def _nbd_write(self, sock: Path, export: str) -> bool:
         if not sock.exists():
             return False
-        wrote, _ = nbd_client_write(self.rig.prefix, sock, export)
-        return wrote
+        return nbd_client_write(self.rig.prefix, sock, export).wrote
 
     def _gdb_run(self, path: Path) -> bool:
         """Ask the gdbstub to continue, then to step; the invariants judge."""
@@ -1867,12 +1866,12 @@ def _run_fuzz(
 def _went(path: WritePath, rig: Rig) -> bool:
     """A table row as a fuzz probe: True when QEMU did not refuse it."""
     try:
-        refused, _msg = path.attempt(rig)
+        out = path.attempt(rig)
     except VMCommandError:
         return False
     except VMError:
         return True  # QEMU died inside it: the next observation reports how
-    return not refused
+    return not out.refused
 
 
 QUIT_TIMEOUT = 15.0

@@ -100,8 +100,8 @@ class StockBaseline(FrozenTest):
                     "writable": True,
                 },
             )
-            ok, text = attempts.nbd_client_write(self.prefix, sock, "e0")
-            self.assertTrue(ok, f"NBD write was not accepted: {text}")
+            w = attempts.nbd_client_write(self.prefix, sock, "e0")
+            self.assertTrue(w.wrote, f"NBD write was not accepted: {w.text}")
             self.assertEqual(vm.status(), "paused")
             self.assertNotEqual(observe.file_digest(rig.image), before)
             off = attempts.NBD_WRITE_OFFSET

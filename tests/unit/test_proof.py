@@ -311,7 +311,9 @@ def test_attempt_accepted_and_refused() -> None:
 
 @pytest.fixture
 def no_nbd(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attempts, "nbd_client_write", lambda *a: (False, "no server"))
+    monkeypatch.setattr(
+        attempts, "nbd_client_write", lambda *a: attempts.ClientWrite(False, "no server")
+    )
 
 
 def _soak(tmp_path: Path, vm: FakeVM, seconds: float, mutate: Any = None) -> scenario.Soak:
