@@ -142,3 +142,43 @@ class StockStopControl(MemoryTest):
         )
         self.assertNotEqual(after, before, "the control saw no write: the check cannot fail")
         self.assertGreater(used_idx(ring, after), used_idx(ring, before))
+
+
+#: detached dumps in the race test, each followed at once by the next
+DUMP_ROUNDS = 60
+
+
+class FrozenDumps(MemoryTest):
+    """:avocado: enable"""
+
+    def test_back_to_back_detached_dumps(self) -> None:
+        """A new dump asked for the moment a detached one ends must not
+        crash QEMU: the old dump's cleanup used to run after its status
+        said "completed", on the state (and the file) of the next dump.
+        The monitor fuzz hit it once (SIGSEGV after "g_hash_table_destroy:
+        assertion 'hash_table != NULL' failed"); this asks for the next
+        dump in a tight loop, DUMP_ROUNDS times. The window is narrow: on
+        the series without the fix this loop did not hit it in 2 x 60
+        rounds, so it guards the path, the fuzz is what found it."""
+        with self.rig() as rig:
+            mark = rig.vm.event_mark()
+            rig.vm.cmd("freeze")
+            rig.vm.event_wait("FROZEN", scenario.FREEZE_EVENT_TIMEOUT, after=mark)
+            path = self.work / "dump.elf"
+            accepted = busy = 0
+            deadline = time.monotonic() + 120
+            while accepted < DUMP_ROUNDS and time.monotonic() < deadline:
+                err = rig.vm.try_cmd(
+                    "dump-guest-memory",
+                    {"paging": True, "detach": True, "protocol": f"file:{path}"},
+                )
+                if err is None:
+                    accepted += 1
+                elif "There is a dump in process" in err.desc:
+                    busy += 1  # the previous one is still running: ask again at once
+                else:
+                    self.fail(f"dump-guest-memory refused: {err.desc}")
+            self.log.info("%d dumps accepted, %d refused as busy", accepted, busy)
+            self.assertEqual(accepted, DUMP_ROUNDS, "the dumps did not all start in 120 s")
+            self.assertTrue(rig.vm.is_running(), "QEMU died during the dumps")
+            self.assertEqual(rig.vm.status(), "frozen")
