@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import build, config, guest, patches
-from harness.observe import Standby, StandbyError
+from harness.observe import Standby, StandbyError, job_progress, monotonic_to_wall
 from harness.progress import say
 from harness.rig import NIC_ID, Rig, create_image
 from harness.scenario import FREEZE_EVENT_TIMEOUT, default_accel
@@ -433,13 +433,6 @@ def fill_image(path: Path, mb: int) -> None:
         os.fsync(f.fileno())
 
 
-def job_progress(qmp: LeanQMP, job: str = "job0") -> tuple[int, int]:
-    for j in qmp.execute("query-block-jobs"):
-        if j.get("device") == job:
-            return int(j["offset"]), int(j["len"])
-    raise LeanQMPError("query-block-jobs", f"no job {job}")
-
-
 # -- the benchmarks -----------------------------------------------------------------
 
 
@@ -565,13 +558,14 @@ class Bench:
                         strace_attached(box.rig.vm.pid, box.rig.workdir / "strace.log")
                     )
                 if job:
-                    done, total = job_progress(box.qmp)
-                    out["job_offset_frac"] = done / total if total else None
-                    out["mid_copy"] = 0 < done < total
+                    job_now = job_progress(box.qmp.execute)
+                    out["job_status"] = job_now.status
+                    out["job_offset_frac"] = job_now.done / job_now.total if job_now.total else None
+                    out["mid_copy"] = job_now.mid_copy
                 try:
                     send, out["latency"] = self.act(box, action)
                     # Wall clock of the send, to line up with QEMU's --trace timestamps
-                    out["send_wall"] = time.time() - (time.monotonic() - send)
+                    out["send_wall"] = monotonic_to_wall(send)
                 except (LeanQMPError, OSError, TimeoutError) as e:
                     out["latency"], out["error"] = None, f"{action}: {e}"
                     with contextlib.suppress(VMTimeout):
@@ -612,7 +606,7 @@ class Bench:
             args["speed"] = self.speed_mb << 20
         q.execute("blockdev-mirror" if load.startswith("mirror") else "blockdev-backup", args)
         deadline = time.monotonic() + 10
-        while job_progress(q)[0] == 0:  # wait until the job has data in flight
+        while job_progress(q.execute).done == 0:  # wait until the job has data in flight
             if time.monotonic() > deadline:
                 raise LeanQMPError(load, "job made no progress in 10 s")
             time.sleep(0.005)

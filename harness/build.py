@@ -25,7 +25,7 @@ from harness.patches import Tree
 from harness.progress import Progress, say
 
 #: Bump when the recipe changes in a way the options do not show.
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 STAMP = ".frozen-build.json"
 LOG_TAIL_LINES = 40
 
@@ -89,8 +89,17 @@ def qemu_options() -> list[str]:
     ]
 
 
-def qemu_configure_args(prefix: Path) -> list[str]:
-    return [f"--python={sys.executable}", f"--prefix={prefix}", *qemu_options()]
+#: The prefix every QEMU build is configured for, stock, frozen and bisect
+#: alike.  It is compiled into config-host.h, which every object includes:
+#: one prefix for all trees is what lets ccache share the objects the series
+#: does not touch.  QEMU is relocatable (it finds its data relative to its
+#: binary), so `make install DESTDIR=` stages it and the staged prefix is
+#: moved to the variant's install dir.
+QEMU_PREFIX = Path("/opt/frozen-qemu")
+
+
+def qemu_configure_args() -> list[str]:
+    return [f"--python={sys.executable}", f"--prefix={QEMU_PREFIX}", *qemu_options()]
 
 
 def project_options(project: str) -> list[str]:
@@ -105,11 +114,14 @@ def project_options(project: str) -> list[str]:
 def configure_command(project: str, src: Path, build_dir: Path, prefix: Path) -> list[str]:
     """Configure `build_dir` for `src`; run it with `build_dir` as the cwd.
 
+    `prefix` is libvirt's install prefix; QEMU is always configured for
+    QEMU_PREFIX and staged into its install dir (install_qemu).
+
     A configured libvirt build dir is reconfigured, not wiped, so a series
     change stays an incremental build.
     """
     if project == "qemu":
-        return [str(src / "configure"), *qemu_configure_args(prefix)]
+        return [str(src / "configure"), *qemu_configure_args()]
     reconfigure = ["--reconfigure"] if (build_dir / "build.ninja").exists() else []
     return ["meson", "setup", *reconfigure, str(build_dir), str(src), *libvirt_options(prefix)]
 
@@ -275,8 +287,9 @@ def run_logged(
 def install_prefix(project: str, variant: str) -> Path:
     """One prefix per project and variant; the stamp in it says which key.
 
-    The prefix is compiled into QEMU (config-host.h): keeping it stable is
-    what makes a rebuild after a series change incremental.
+    libvirt's prefix is compiled in: keeping it stable is what makes a
+    rebuild after a series change incremental.  QEMU's compiled-in prefix is
+    QEMU_PREFIX for every variant; this is only where it is installed.
     """
     return config.cache_root() / "installs" / f"{project}-{variant}"
 
@@ -336,9 +349,30 @@ def install_test_programs(build_dir: Path, prefix: Path) -> None:
         shutil.copy2(src, dest / src.name)
 
 
-def bundle_datadir(build_dir: Path, prefix: Path) -> Path:
+def install_qemu(build_dir: Path, prefix: Path, log: Path, env: dict[str, str]) -> float:
+    """`make install` staged under DESTDIR, then moved to `prefix`; seconds."""
+    staging = prefix.parent / f".{prefix.name}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    seconds = run_logged(
+        ["make", "-C", str(build_dir), "install"],
+        log,
+        {**env, "DESTDIR": str(staging)},  # meson install reads it
+        "install qemu",
+    )
+    staged = staging / QEMU_PREFIX.relative_to("/")
+    if not (staged / "bin").is_dir():
+        raise BuildError(f"install qemu: nothing was staged in {staged}", log)
+    if prefix.exists():
+        shutil.rmtree(prefix)
+    staged.rename(prefix)
+    shutil.rmtree(staging)
+    return seconds
+
+
+def bundle_datadir(build_dir: Path) -> Path:
     """Where QEMU run from its build dir (qtests, meson test) looks for blobs."""
-    return build_dir / "qemu-bundle" / prefix.relative_to("/") / "share" / "qemu"
+    return build_dir / "qemu-bundle" / QEMU_PREFIX.relative_to("/") / "share" / "qemu"
 
 
 def _install_api_xml(
@@ -413,12 +447,10 @@ def build(tree: Tree, *, jobs: int | None = None) -> Install:
         timings["build"] = run_logged(
             ["make", "-C", str(build_dir), f"-j{jobs}"], log, env, "build qemu"
         )
-        timings["install"] = run_logged(
-            ["make", "-C", str(build_dir), "install"], log, env, "install qemu"
-        )
+        timings["install"] = install_qemu(build_dir, prefix, log, env)
         layout_firmware(build_dir, prefix / "share" / "qemu")
         install_test_programs(build_dir, prefix)
-        layout_firmware(build_dir, bundle_datadir(build_dir, prefix))
+        layout_firmware(build_dir, bundle_datadir(build_dir))
     else:
         timings["build"] = run_logged(
             ["ninja", "-C", str(build_dir), f"-j{jobs}"], log, env, "build libvirt"

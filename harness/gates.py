@@ -219,7 +219,7 @@ def _build_commit(
     jobs = jobs or 2
     # The results are keyed by the options: configure again when they change.
     configured = build_dir / "frozen-options.txt"
-    wanted = "\n".join(options)
+    wanted = "\n".join([*options, build.RECIPE_VERSION])
     try:
         if (
             not (build_dir / "build.ninja").exists()
@@ -228,8 +228,13 @@ def _build_commit(
         ):
             configured.unlink(missing_ok=True)
             build.run_logged(
+                # The install's own prefix (never installed to): compiled
+                # in, so the same prefix is what lets ccache reuse objects.
                 build.configure_command(
-                    tree.project, bisect_tree, build_dir, bisect_tree / "prefix-unused"
+                    tree.project,
+                    bisect_tree,
+                    build_dir,
+                    build.install_prefix(tree.project, tree.variant),
                 ),
                 log,
                 env,

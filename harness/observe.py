@@ -20,9 +20,10 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness import guest
 from harness.rig import Rig
@@ -290,6 +291,34 @@ def wait_unlocked(image: Path, since: float, timeout: float = STANDBY_TIMEOUT) -
             raise TimeoutError(f"{image} still locked after {timeout} s")
         time.sleep(0.001)  # a 1 ms poll of a lock, not a wait for an event
     return time.monotonic() - since
+
+
+def monotonic_to_wall(monotonic: float) -> float:
+    """A CLOCK_MONOTONIC reading (a standby's) as wall-clock seconds, to
+    compare with the timestamps of QEMU's events."""
+    return time.time() - (time.monotonic() - monotonic)
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """A job as query-jobs shows it; status ``absent`` when it is gone."""
+
+    status: str
+    done: int
+    total: int
+
+    @property
+    def mid_copy(self) -> bool:
+        return 0 < self.done < self.total
+
+
+def job_progress(execute: Callable[[str], Any], job: str = "job0") -> JobProgress:
+    """The progress of `job`, through any QMP client's execute (VM.cmd, the
+    benchmarks' lean client): a job that has finished reads as absent."""
+    for j in execute("query-jobs"):
+        if j.get("id") == job:
+            return JobProgress(j["status"], int(j["current-progress"]), int(j["total-progress"]))
+    return JobProgress("absent", 0, 0)
 
 
 _STANDBY = r"""

@@ -149,11 +149,11 @@ def judge(stock: SideResult, frozen: SideResult) -> str:
     """The verdict on one test from its stock and frozen results."""
     if frozen.result == "absent":
         return "vanished"  # the series removed or renamed a test
+    if "not run" in (stock.result, frozen.result):
+        return "not run"
     if stock.result == "absent":
         # the series' own tests: new, and they must pass
         return "new" if frozen.result == "pass" else "regression"
-    if "not run" in (stock.result, frozen.result):
-        return "not run"
     pair = (stock.result, frozen.result)
     if pair == ("pass", "pass"):
         return "pass"
@@ -250,8 +250,23 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_iotest(install: build.Install, fmt: str, name: str) -> SideResult:
-    """One iotest in `install`'s build tree, the way meson's block suite runs it."""
+def _cut(limit: float, own: float) -> bool:
+    """Whether a timeout of `limit` was the budget's, not the test's own."""
+    return limit < own
+
+
+def _budget_stop(limit: float, seconds: float) -> SideResult:
+    return SideResult("not run", f"stopped at the suite's budget after {limit:.0f} s", seconds)
+
+
+def run_iotest(
+    install: build.Install, fmt: str, name: str, limit: float = IOTEST_TIMEOUT_S
+) -> SideResult:
+    """One iotest in `install`'s build tree, the way meson's block suite runs it.
+
+    `limit` caps its timeout at what is left of the budget; a test that the
+    cap ends is not run, not failed.
+    """
     src, bld = _iotests_dirs(install)
     cmd = [
         sys.executable,
@@ -269,8 +284,11 @@ def run_iotest(install: build.Install, fmt: str, name: str) -> SideResult:
     env["TEST_DIR"] = str(bld / "scratch-gate")
     env["SOCK_DIR"] = str(_sock_dir(install))
     start = time.monotonic()
-    proc = run_group(cmd, cwd=bld, env=env, timeout=IOTEST_TIMEOUT_S)
+    timeout = min(limit, IOTEST_TIMEOUT_S)
+    proc = run_group(cmd, cwd=bld, env=env, timeout=timeout)
     seconds = time.monotonic() - start
+    if proc.returncode is None and _cut(timeout, IOTEST_TIMEOUT_S):
+        return _budget_stop(timeout, seconds)
     if proc.returncode is None:
         return SideResult(
             "fail",
@@ -298,8 +316,8 @@ def _sock_dir(install: build.Install) -> Path:
     return path
 
 
-def run_qtest(install: build.Install, name: str) -> SideResult:
-    """One qtest through meson in `install`'s build dir (no rebuild)."""
+def run_qtest(install: build.Install, name: str, limit: float = QTEST_TIMEOUT_S) -> SideResult:
+    """One qtest through meson in `install`'s build dir (no rebuild); `limit` as for iotests."""
     logbase = "frozen-gate-" + re.sub(r"[^A-Za-z0-9_-]", "_", name)
     log = install.build_dir / "meson-logs" / f"{logbase}.json"
     log.unlink(missing_ok=True)
@@ -318,9 +336,11 @@ def run_qtest(install: build.Install, name: str) -> SideResult:
         ],
         cwd=None,
         env=build.build_env(install.tree),
-        timeout=QTEST_TIMEOUT_S,
+        timeout=min(limit, QTEST_TIMEOUT_S),
     )
     seconds = time.monotonic() - start
+    if proc.returncode is None and _cut(limit, QTEST_TIMEOUT_S):
+        return _budget_stop(limit, seconds)
     if proc.returncode is None:
         return SideResult("fail", f"meson test hung for {QTEST_TIMEOUT_S:.0f} s", seconds)
     entries = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -336,10 +356,12 @@ def run_qtest(install: build.Install, name: str) -> SideResult:
     return SideResult(result, detail, seconds)
 
 
-def run_one(install: build.Install, test: SuiteTest) -> SideResult:
+def run_one(install: build.Install, test: SuiteTest, limit: float = float("inf")) -> SideResult:
     if test.suite == QTEST_SUITE:
-        return run_qtest(install, test.name)
-    return run_iotest(install, test.suite.removeprefix("iotests-"), test.name)
+        return run_qtest(install, test.name, min(limit, QTEST_TIMEOUT_S))
+    return run_iotest(
+        install, test.suite.removeprefix("iotests-"), test.name, min(limit, IOTEST_TIMEOUT_S)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -447,6 +469,9 @@ def plan(stock: build.Install, frozen: build.Install) -> Plan:
     for fmt in IOTEST_FORMATS:
         for side, inst in sides:
             add(f"iotests-{fmt}", side, list_iotests(inst, fmt, "quick"))
+    # The series' own tests first: a budget must never leave them out.
+    own = [t for t in tests if t not in has["stock"]]
+    tests = own + [t for t in tests if t in has["stock"]]
     return Plan(tests, frozenset(has["stock"]), frozenset(has["frozen"]))
 
 
@@ -494,9 +519,7 @@ def run(
     from the cache, while a pre-existing failure is not run again.
     """
     for install in (stock, frozen):
-        build.layout_firmware(
-            install.build_dir, build.bundle_datadir(install.build_dir, install.prefix)
-        )
+        build.layout_firmware(install.build_dir, build.bundle_datadir(install.build_dir))
     planned = plan(stock, frozen)
     tests = planned.tests
     say(
@@ -518,8 +541,9 @@ def run(
             ):
                 out.append(compare(test, sides["stock"] or NOT_RUN, sides["frozen"] or NOT_RUN))
                 continue
+            limit = float("inf") if deadline is None else max(1.0, deadline - time.monotonic())
             futures = {
-                name: pool.submit(run_one, inst, test)
+                name: pool.submit(run_one, inst, test, limit)
                 for name, inst in (("stock", stock), ("frozen", frozen))
                 if sides[name] is None
             }
@@ -527,12 +551,16 @@ def run(
                 sides[name] = future.result()
             stock_r, frozen_r = sides["stock"], sides["frozen"]
             assert stock_r is not None and frozen_r is not None
-            if "stock" in futures:
+            if "stock" in futures and stock_r.result != "not run":
                 _remember(stock, test, stock_r)
             verdict = compare(test, stock_r, frozen_r)
             # A failure that stock shares is pre-existing and kept; one
             # that is the series' doing always runs again.
-            if "frozen" in futures and (frozen_r.result != "fail" or verdict.ok):
+            if (
+                "frozen" in futures
+                and frozen_r.result != "not run"
+                and (frozen_r.result != "fail" or verdict.ok)
+            ):
                 _remember(frozen, test, frozen_r)
             out.append(verdict)
             progress.update(done)

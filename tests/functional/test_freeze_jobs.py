@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from frozen_test import FrozenTest
@@ -28,33 +27,12 @@ from frozen_test import FrozenTest
 from harness import rig as rigs
 from harness import scenario
 from harness.bench import fill_image
-from harness.observe import Standby
-from harness.vm import VM
+from harness.observe import Standby, job_progress, monotonic_to_wall
 
 #: the copied disk's size: an unthrottled mirror is usually still copying it
 SOURCE_MB = 256
 #: samples per scenario: the race the test exists for is a matter of timing
 REPEAT = 3
-
-
-def wall(monotonic: float) -> float:
-    """A CLOCK_MONOTONIC reading (a standby's) as wall-clock seconds."""
-    return time.time() - (time.monotonic() - monotonic)
-
-
-@dataclass(frozen=True)
-class JobState:
-    status: str
-    done: int
-    total: int
-
-
-def job_state(vm: VM) -> JobState:
-    jobs = vm.cmd("query-jobs")
-    if not jobs:
-        return JobState("absent", 0, 0)
-    j = jobs[0]
-    return JobState(j["status"], int(j["current-progress"]), int(j["total-progress"]))
 
 
 class FreezeUnderJob(FrozenTest):
@@ -94,12 +72,12 @@ class FreezeUnderJob(FrozenTest):
                     args["speed"] = speed_mb << 20
                 rig.vm.cmd(command, args)
                 deadline = time.monotonic() + 10
-                while job_state(rig.vm).done == 0:
+                while job_progress(rig.vm.cmd).done == 0:
                     if time.monotonic() > deadline:
                         self.fail(f"{command} made no progress in 10 s")
                     time.sleep(0.005)  # polling the job's offset: no event for it
                 mark = rig.vm.event_mark()
-                job = job_state(rig.vm)
+                job = job_progress(rig.vm.cmd)
                 rig.vm.cmd("freeze", timeout=60)
                 ev = rig.vm.event_wait("FROZEN", scenario.FREEZE_EVENT_TIMEOUT, after=mark)
                 t_job, t_disk = sb_job.acquired(30), sb_disk.acquired(30)
@@ -115,8 +93,8 @@ class FreezeUnderJob(FrozenTest):
             job.status,
             job.done,
             job.total,
-            (frozen_at - wall(t_job)) * 1e3,
-            (frozen_at - wall(t_disk)) * 1e3,
+            (frozen_at - monotonic_to_wall(t_job)) * 1e3,
+            (frozen_at - monotonic_to_wall(t_disk)) * 1e3,
         )
         # An unthrottled mirror may have copied everything and be "ready":
         # its teardown at the freeze is the same.

@@ -529,3 +529,14 @@ def test_the_stalled_network_is_a_hub_to_a_nic_nobody_drives() -> None:
         assert f"hubport,id={rig.SINK_NETDEV_ID},hubid=0" in net.args
         assert any(a.startswith("virtio-net-pci,") and rig.SINK_NETDEV_ID in a for a in net.args)
         assert net.fds == []
+
+
+def test_job_progress_reads_query_jobs_and_a_finished_job_as_absent() -> None:
+    jobs = [
+        {"id": "other", "status": "running", "current-progress": 9, "total-progress": 9},
+        {"id": "job0", "status": "running", "current-progress": 4, "total-progress": 10},
+    ]
+    p = observe.job_progress(lambda cmd: jobs if cmd == "query-jobs" else None)
+    assert p == observe.JobProgress("running", 4, 10) and p.mid_copy
+    gone = observe.job_progress(lambda cmd: [])
+    assert gone.status == "absent" and not gone.mid_copy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def _fake(
 ) -> list[tuple[str, str]]:
     ran: list[tuple[str, str]] = []
 
-    def run_one(install: build.Install, test: SuiteTest) -> SideResult:
+    def run_one(install: build.Install, test: SuiteTest, limit: float) -> SideResult:
         ran.append((install.variant, test.name))
         return results[(install.variant, test.name)]
 
@@ -145,6 +146,38 @@ def test_run_past_the_deadline_reports_not_run(
     assert out[0].verdict == "not run" and out[0].skipped and not out[0].ok
 
 
+def test_the_series_own_test_not_reached_is_not_run() -> None:
+    """Not a regression: the budget, not the series, left it out."""
+    c = qemu_suites.compare(
+        SuiteTest("qtest-x86_64", "frozen-test"), qemu_suites.ABSENT, qemu_suites.NOT_RUN
+    )
+    assert c.verdict == "not run" and c.skipped
+
+
+def test_a_test_the_budget_ends_is_not_run_and_not_cached(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FROZEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "build_env", lambda tree: dict(os.environ))
+    install = _install(tmp_path, "frozen")
+    (install.build_dir / "meson-logs").mkdir()
+    calls: list[float] = []
+
+    def hung(
+        cmd: list[str], *, cwd: Path | None, env: dict[str, str], timeout: float
+    ) -> qemu_suites.Finished:
+        calls.append(timeout)
+        return qemu_suites.Finished(None, "", "")
+
+    monkeypatch.setattr(qemu_suites, "run_group", hung)
+    cut = qemu_suites.run_qtest(install, "qom-test", limit=2.0)
+    assert calls == [2.0]
+    assert cut.result == "not run" and "budget" in cut.detail
+    own = qemu_suites.run_qtest(install, "qom-test")
+    assert calls[-1] == qemu_suites.QTEST_TIMEOUT_S
+    assert own.result == "fail" and "hung" in own.detail
+
+
 def test_report_lists_what_is_not_a_plain_pass() -> None:
     results = [
         qemu_suites.compare(SuiteTest("iotests-qcow2", "001"), PASS, PASS),
@@ -166,11 +199,18 @@ def test_run_group_kills_what_the_test_started(tmp_path: Path) -> None:
     assert r.returncode is None
     assert "started" in r.stdout
     child = int(pidfile.read_text())
-    # reaped by init or gone: either way no longer a running sleep
-    try:
-        state = Path(f"/proc/{child}/stat").read_text().split()[2]
-    except FileNotFoundError:
-        state = "gone"
+    # A SIGKILLed task still shows R until it has run its exit; gone or a
+    # zombie within a few seconds, or it was not killed at all.
+    state = "?"
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        if state in ("gone", "Z"):
+            break
+        time.sleep(0.05)
     assert state in ("gone", "Z"), f"child {child} still running ({state})"
 
 
@@ -190,12 +230,13 @@ def test_plan_orders_and_tells_the_sides_apart(
     monkeypatch.setattr(qemu_suites, "list_qtests", lambda inst: qtests[inst.variant])
     monkeypatch.setattr(qemu_suites, "list_iotests", lambda inst, fmt, group: ["001"])
     p = qemu_suites.plan(stock, frozen)
+    # the series' own tests first, so no budget leaves them out
     assert [t.label for t in p.tests] == [
+        "qtest-x86_64/frozen-test",
         "iotests-raw/inactive-node-nbd",
         "iotests-qcow2/inactive-node-nbd",
         "qtest-x86_64/qom-test",
         "qtest-x86_64/old-test",
-        "qtest-x86_64/frozen-test",
         "iotests-raw/001",
         "iotests-qcow2/001",
     ]

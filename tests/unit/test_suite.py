@@ -30,25 +30,37 @@ RESULTS = {
 
 
 @pytest.fixture
-def fake_avocado(monkeypatch: pytest.MonkeyPatch) -> None:
-    """avocado run, replaced by what it writes: the xunit file and results.json."""
+def fake_avocado(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, list[str]]]:
+    """avocado run, replaced by what it writes: the xunit file and results.json
+    (the libvirt stream's job: all passed)."""
+    calls: list[dict[str, list[str]]] = []
 
-    def run(cmd: list[str], env: Any = None, cwd: Any = None) -> int:
-        junit = Path(cmd[cmd.index("--xunit") + 1])
-        job = Path(cmd[cmd.index("--job-results-dir") + 1]) / "latest"
-        junit.write_text(JUNIT)
-        job.mkdir(parents=True)
-        (job / "results.json").write_text(json.dumps(RESULTS))
-        return 0
+    def run(cmds: dict[str, list[str]], env: Any) -> dict[str, int]:
+        calls.append(cmds)
+        for name, cmd in cmds.items():
+            junit = Path(cmd[cmd.index("--xunit") + 1])
+            job = Path(cmd[cmd.index("--job-results-dir") + 1]) / "latest"
+            job.mkdir(parents=True)
+            if name == "qemu":
+                junit.write_text(JUNIT)
+                (job / "results.json").write_text(json.dumps(RESULTS))
+            else:
+                junit.write_text(
+                    '<testsuite name="avocado" tests="1">'
+                    '<testcase classname="Cluster" name="test_failover"/></testsuite>'
+                )
+                (job / "results.json").write_text(json.dumps({"tests": []}))
+        return {name: 0 for name in cmds}
 
-    monkeypatch.setattr(suite, "_run", run)
+    monkeypatch.setattr(suite, "_run_streams", run)
+    return calls
 
 
 def test_cancelled_functional_tests_fail_a_full_run(tmp_path: Path, fake_avocado: None) -> None:
     s = suite.Suite(tmp_path / "r")
     suite.stage_functional(s, {})
     _, counts, _ = s.stages[-1]
-    assert (counts.passed, counts.failed, counts.skipped) == (1, 2, 0)
+    assert (counts.passed, counts.failed, counts.skipped) == (2, 2, 0)
     assert any("cancelled in a full run: not proven" in f for f in counts.failures)
     assert "NOT PROVEN" not in s.summary()
 
@@ -57,10 +69,47 @@ def test_partial_run_names_what_was_not_proven(tmp_path: Path, fake_avocado: Non
     s = suite.Suite(tmp_path / "r")
     suite.stage_functional(s, {"FROZEN_PARTIAL": "1"})
     _, counts, _ = s.stages[-1]
-    assert (counts.passed, counts.failed, counts.skipped) == (1, 0, 2)
+    assert (counts.passed, counts.failed, counts.skipped) == (2, 0, 2)
     text = s.summary()
     assert "NOT PROVEN (partial run" in text
     assert "test_freeze.py:Freeze.test_tap: not proven (partial run): tap networking" in text
+
+
+def test_every_functional_file_is_in_exactly_one_stream(
+    fake_avocado: list[dict[str, list[str]]], tmp_path: Path
+) -> None:
+    suite.stage_functional(suite.Suite(tmp_path / "r"), {})
+    (cmds,) = fake_avocado
+    ran = [arg for cmd in cmds.values() for arg in cmd if arg.endswith(".py")]
+    files = sorted((Path(__file__).parents[1] / "functional").glob("test_*.py"))
+    assert sorted(ran) == [str(f) for f in files]
+    libvirt = {Path(a).name for a in cmds["libvirt"] if a.endswith(".py")}
+    assert libvirt == set(suite.LIBVIRT_STREAM)
+
+
+def test_a_stream_that_exits_non_zero_with_no_failure_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(suite, "_run_streams", lambda cmds, env: {n: 2 for n in cmds})
+    s = suite.Suite(tmp_path / "r")
+    suite.stage_functional(s, {})
+    _, counts, _ = s.stages[-1]
+    assert counts.failed == 2  # neither wrote results
+    assert any("no results written" in f for f in counts.failures)
+
+
+def test_streams_run_at_the_same_time(tmp_path: Path) -> None:
+    """Both start before either ends: each waits for the other's file."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    wait = "for i in $(seq 100); do [ -e {0} ] && exit 0; sleep 0.05; done; exit 1"
+    codes = suite._run_streams(
+        {
+            "one": ["sh", "-c", f"touch {a}; " + wait.format(b)],
+            "two": ["sh", "-c", f"touch {b}; " + wait.format(a)],
+        },
+        {},
+    )
+    assert codes == {"one": 0, "two": 0}
 
 
 def test_not_run_tests_tolerates_a_missing_job(tmp_path: Path) -> None:
