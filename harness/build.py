@@ -9,13 +9,16 @@ and bisect trees share compiled objects.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,12 +256,27 @@ def build_env(tree: Path) -> dict[str, str]:
     return env
 
 
+class BuildStopped(BuildError):
+    """A step was stopped at its deadline (a time budget), not failed."""
+
+
 def run_logged(
-    cmd: list[str], log: Path, env: dict[str, str], label: str, cwd: Path | None = None
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str],
+    label: str,
+    cwd: Path | None = None,
+    deadline: float | None = None,
 ) -> float:
-    """Run `cmd` with output to `log`, showing ninja's [n/m] as progress."""
+    """Run `cmd` with output to `log`, showing ninja's [n/m] as progress.
+
+    At `deadline` (time.monotonic()) the command and everything it started
+    are killed and BuildStopped is raised: an interrupted ninja build dir
+    stays consistent, so the next run goes on from there.
+    """
     progress = Progress(label, None, step=10)
     start = time.monotonic()
+    stopped = threading.Event()
     with log.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
@@ -270,14 +288,32 @@ def run_logged(
             env=env,
             cwd=cwd,
             errors="replace",
+            start_new_session=deadline is not None,
         )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.write(line)
-            match = re.match(r"\[(\d+)/(\d+)\]", line)
-            if match:
-                progress.update(int(match.group(1)), int(match.group(2)))
-        rc = proc.wait()
+
+        def stop() -> None:
+            stopped.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = None
+        if deadline is not None:
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), stop)
+            timer.daemon = True
+            timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                match = re.match(r"\[(\d+)/(\d+)\]", line)
+                if match:
+                    progress.update(int(match.group(1)), int(match.group(2)))
+            rc = proc.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+    if stopped.is_set():
+        raise BuildStopped(f"{label} stopped at its deadline", log)
     if rc != 0:
         raise BuildError(f"{label} (exit {rc})", log)
     progress.finish()

@@ -112,9 +112,9 @@ def bisect(
     recorded like the others, unless the regular build's install of exactly
     this series is there and proves the same (QEMU: a build); the result
     then says it reused that install's stamp.
-    With a `deadline` (time.monotonic()), prefixes not started by then are
-    reported as skipped, never as passed; built ones stay cached, so the
-    next run goes on from there.
+    With a `deadline` (time.monotonic()), prefixes not started by then, and
+    the one whose build it stops, are reported as skipped, never as passed;
+    built ones stay cached, so the next run goes on from there.
     """
     results = []
     commits = subprocess.run(
@@ -165,7 +165,7 @@ def bisect(
             )
             continue
         say(f"bisect {tree.project}: building patch {index}/{len(commits)} {patch.name}")
-        result = _build_commit(tree, bisect_tree, commit, patch, options, jobs)
+        result = _build_commit(tree, bisect_tree, commit, patch, options, jobs, deadline)
         if result.ok:  # a failure is rebuilt next time, never remembered
             stamp.write_text(json.dumps({"key": key, "ok": True, "detail": result.detail}))
         results.append(result)
@@ -195,8 +195,16 @@ def _full_build_result(tree: Tree, patch: Path, options: list[str]) -> GateResul
 
 
 def _build_commit(
-    tree: Tree, bisect_tree: Path, commit: str, patch: Path, options: list[str], jobs: int | None
+    tree: Tree,
+    bisect_tree: Path,
+    commit: str,
+    patch: Path,
+    options: list[str],
+    jobs: int | None,
+    deadline: float | None = None,
 ) -> GateResult:
+    """Build (libvirt: and test) one prefix; a build the deadline stops is
+    skipped, not failed, and goes on incrementally next time."""
     if not (bisect_tree / ".git").exists():
         subprocess.run(
             ["git", "clone", "--quiet", "--shared", str(tree.path), str(bisect_tree)], check=True
@@ -242,14 +250,23 @@ def _build_commit(
                 cwd=build_dir,
             )
             configured.write_text(wanted)
-        if tree.project == "qemu":
-            build.run_logged(
-                ["make", "-C", str(build_dir), f"-j{jobs}"], log, env, f"bisect build {patch.name}"
-            )
-        else:
-            build.run_logged(
-                ["ninja", "-C", str(build_dir), f"-j{jobs}"], log, env, f"bisect build {patch.name}"
-            )
+        tool = "make" if tree.project == "qemu" else "ninja"
+        build.run_logged(
+            [tool, "-C", str(build_dir), f"-j{jobs}"],
+            log,
+            env,
+            f"bisect build {patch.name}",
+            deadline=deadline,
+        )
+    except build.BuildStopped:
+        return GateResult(
+            "bisect",
+            patch.name,
+            True,
+            skipped=True,
+            detail="not finished: the bisect time budget ran out during its build; "
+            f"`frozen check --project {tree.project} --gate bisect` builds it",
+        )
     except build.BuildError as exc:
         return GateResult("bisect", patch.name, False, str(exc))
     if tree.project == "libvirt":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,30 @@ def test_cached_install_is_reused(tree: Tree, tmp_path: Path) -> None:
     (prefix / build.STAMP).write_text(f'{{"key": "{key}", "timings": {{"build": 1.0}}}}')
     install = build.build(tree)
     assert install.cached and install.prefix == prefix and install.key == key
+
+
+def test_run_logged_stops_the_whole_command_at_its_deadline(tmp_path: Path) -> None:
+    """A budget ends a build mid-way, children included, as BuildStopped."""
+    pidfile = tmp_path / "child.pid"
+    cmd = ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"]
+    start = time.monotonic()
+    with pytest.raises(build.BuildStopped):
+        build.run_logged(cmd, tmp_path / "log", dict(os.environ), "t", deadline=start + 0.5)
+    assert time.monotonic() - start < 10
+    child = int(pidfile.read_text())
+    for _ in range(100):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"child {child} outlived the deadline ({state})")
+
+
+def test_run_logged_failure_is_not_a_stop(tmp_path: Path) -> None:
+    with pytest.raises(build.BuildError) as exc:
+        build.run_logged(["sh", "-c", "exit 3"], tmp_path / "log", dict(os.environ), "t")
+    assert not isinstance(exc.value, build.BuildStopped)
