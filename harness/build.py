@@ -9,13 +9,11 @@ and bisect trees share compiled objects.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import config
+from harness.lifecycle import kill_group
 from harness.patches import Tree
 from harness.progress import Progress, say
 
@@ -293,8 +292,7 @@ def run_logged(
 
         def stop() -> None:
             stopped.set()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc)
 
         timer = None
         if deadline is not None:

@@ -236,8 +236,9 @@ def _build_commit(
         ):
             configured.unlink(missing_ok=True)
             build.run_logged(
-                # The install's own prefix (never installed to): compiled
-                # in, so the same prefix is what lets ccache reuse objects.
+                # libvirt: the install's prefix (never installed to), since
+                # it is compiled in and the same one lets ccache reuse the
+                # full build's objects; QEMU always gets QEMU_PREFIX.
                 build.configure_command(
                     tree.project,
                     bisect_tree,

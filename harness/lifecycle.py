@@ -10,7 +10,18 @@ own protocol instead (launch, shutdown, the crash log).
 from __future__ import annotations
 
 import abc
-from typing import Self
+import contextlib
+import os
+import signal
+import subprocess
+from typing import Any, Self
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL the process group `proc` leads (started with
+    start_new_session), children included; gone already is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 class Started(abc.ABC):

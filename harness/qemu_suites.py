@@ -21,12 +21,10 @@ what the budget did not reach is reported as not run.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import build, config
+from harness.lifecycle import kill_group
 from harness.progress import Progress, say
 
 #: Bump when how a test is run or judged changes.
@@ -235,24 +234,14 @@ def run_group(cmd: list[str], *, cwd: Path | None, env: dict[str, str], timeout:
         out, err = proc.communicate(timeout=timeout)
         return Finished(proc.returncode, out, err)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         out, err = proc.communicate()
         return Finished(None, out, err)
     finally:
         # whatever the test left behind goes with its group, also on an interrupt
-        _kill_group(proc)
+        kill_group(proc)
         if proc.returncode is None:
             proc.communicate()
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _cut(limit: float, own: float) -> bool:
-    """Whether a timeout of `limit` was the budget's, not the test's own."""
-    return limit < own
 
 
 def _budget_stop(limit: float, seconds: float) -> SideResult:
@@ -284,11 +273,10 @@ def run_iotest(
     env["TEST_DIR"] = str(bld / "scratch-gate")
     env["SOCK_DIR"] = str(_sock_dir(install))
     start = time.monotonic()
-    timeout = min(limit, IOTEST_TIMEOUT_S)
-    proc = run_group(cmd, cwd=bld, env=env, timeout=timeout)
+    proc = run_group(cmd, cwd=bld, env=env, timeout=min(limit, IOTEST_TIMEOUT_S))
     seconds = time.monotonic() - start
-    if proc.returncode is None and _cut(timeout, IOTEST_TIMEOUT_S):
-        return _budget_stop(timeout, seconds)
+    if proc.returncode is None and limit < IOTEST_TIMEOUT_S:
+        return _budget_stop(limit, seconds)
     if proc.returncode is None:
         return SideResult(
             "fail",
@@ -339,7 +327,7 @@ def run_qtest(install: build.Install, name: str, limit: float = QTEST_TIMEOUT_S)
         timeout=min(limit, QTEST_TIMEOUT_S),
     )
     seconds = time.monotonic() - start
-    if proc.returncode is None and _cut(limit, QTEST_TIMEOUT_S):
+    if proc.returncode is None and limit < QTEST_TIMEOUT_S:
         return _budget_stop(limit, seconds)
     if proc.returncode is None:
         return SideResult("fail", f"meson test hung for {QTEST_TIMEOUT_S:.0f} s", seconds)
@@ -358,10 +346,8 @@ def run_qtest(install: build.Install, name: str, limit: float = QTEST_TIMEOUT_S)
 
 def run_one(install: build.Install, test: SuiteTest, limit: float = float("inf")) -> SideResult:
     if test.suite == QTEST_SUITE:
-        return run_qtest(install, test.name, min(limit, QTEST_TIMEOUT_S))
-    return run_iotest(
-        install, test.suite.removeprefix("iotests-"), test.name, min(limit, IOTEST_TIMEOUT_S)
-    )
+        return run_qtest(install, test.name, limit)
+    return run_iotest(install, test.suite.removeprefix("iotests-"), test.name, limit)
 
 
 # --------------------------------------------------------------------------
