@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import config, libvirtd, netns
-from harness.lifecycle import Started
+from harness.lifecycle import Started, reap_children
 from harness.progress import say
 
 CLUSTER_NAME = "frozen"
@@ -199,14 +199,7 @@ class _NodeInit:
         subprocess.run(["hostname", str(self.spec["name"])], check=True)
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.exited[pid] = os.waitstatus_to_exitcode(status)
+        reap_children(self.exited)
 
     def alive(self, pid: int) -> bool:
         self.reap()

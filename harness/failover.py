@@ -41,7 +41,7 @@ import secrets
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -306,6 +306,49 @@ def service_group(
 # -- what the test looks at ------------------------------------------------------
 
 
+def start_on_node1(cl: Cluster, svc: Service, group_xml: str, timeout: float) -> None:
+    """Create the service's group, prefer node1, wait until its guest writes there."""
+    n1 = cl.nodes[0]
+    cl.cib_create("resources", group_xml)
+    cl.cib_create("constraints", location(f"loc-{svc.name}", svc.group_id, n1.name, "100"))
+    cl.wait(
+        lambda s: s.started_on(svc.vm_id) == n1.name,
+        timeout,
+        f"{svc.vm_id} started on {n1.name}",
+        hopeless=lambda s: own_failures(s, svc),
+    )
+    wait_records(n1, svc, FIRST_RECORDS, 60)
+
+
+@dataclass(frozen=True)
+class Served:
+    """When the service wrote again after its guest failed, and where it runs."""
+
+    #: seconds from the failure to the first record a guest on one of the
+    #: watched nodes completed (None: not within the timeout)
+    seconds: float | None
+    #: the node Pacemaker reports the VM started on (None: nowhere)
+    on: str | None
+
+
+def wait_served(
+    cl: Cluster, svc: Service, nodes: Sequence[Node], t0: float, timeout: float
+) -> Served:
+    """Wait for the first record completed on `nodes` (its console line is
+    printed once the record is on disk), then for the VM resource's node."""
+    seconds = None
+    while time.monotonic() < t0 + timeout:
+        if any(blk == "ok" for node in nodes for _, blk in console_records(node, svc)):
+            seconds = time.monotonic() - t0
+            break
+        time.sleep(POLL)
+    on = None
+    with contextlib.suppress(ClusterError):
+        st = cl.wait(lambda s: s.started_on(svc.vm_id) is not None, 30, f"{svc.vm_id} started")
+        on = st.started_on(svc.vm_id)
+    return Served(seconds, on)
+
+
 def console_records(node: Node, svc: Service) -> list[tuple[int, str]]:
     """(record number, blk status) of every record line in the node's console log."""
     try:
@@ -447,18 +490,8 @@ def run_failover(
     from node1 and the agent's stop has to deal with a guest that
     ignores the shutdown request (the probe has no ACPI)."""
     n1, n2 = cl.nodes[0], cl.nodes[1]
-    cl.cib_create(
-        "resources",
-        service_group(svc, provider, vm_params=vm_params, meta={"migration-threshold": "1"}),
-    )
-    cl.cib_create("constraints", location(f"loc-{svc.name}", svc.group_id, n1.name, "100"))
-    cl.wait(
-        lambda s: s.started_on(svc.vm_id) == n1.name,
-        timeout,
-        f"{svc.vm_id} started on {n1.name}",
-        hopeless=lambda s: own_failures(s, svc),
-    )
-    wait_records(n1, svc, FIRST_RECORDS, 60)
+    group_xml = service_group(svc, provider, vm_params=vm_params, meta={"migration-threshold": "1"})
+    start_on_node1(cl, svc, group_xml, timeout)
     before = cl.snapshot(f"{svc.name} ({provider}, on_crash={on_crash}): before the failure")
     pid = qemu_pid(n1, svc.name)
 
@@ -473,19 +506,8 @@ def run_failover(
             t0 = time.monotonic()
             con.write(TRIGGERS[trigger])
 
-    # The first record the guest completes on node2 (its console line is
-    # printed once the record is on disk).
-    failover_s = None
-    deadline = t0 + timeout
-    while time.monotonic() < deadline:
-        if any(blk == "ok" for _, blk in console_records(n2, svc)):
-            failover_s = time.monotonic() - t0
-            break
-        time.sleep(POLL)
-    recovered_on = None
-    with contextlib.suppress(ClusterError):
-        st = cl.wait(lambda s: s.started_on(svc.vm_id) is not None, 30, f"{svc.vm_id} started")
-        recovered_on = st.started_on(svc.vm_id)
+    served = wait_served(cl, svc, [n2], t0, timeout)
+    failover_s, recovered_on = served.seconds, served.on
     after = cl.snapshot(f"{svc.name} ({provider}, on_crash={on_crash}): after the failover")
 
     state = domstate(n1, svc.name)
@@ -597,15 +619,7 @@ def run_same_node(
     restart on node1; without, fail start node-locally so the group moves."""
     n1 = cl.nodes[0]
     params = {"frozen_dump_dir": str(dump_dir)} if dump_dir else {}
-    cl.cib_create("resources", service_group(svc, provider, vm_params=params))
-    cl.cib_create("constraints", location(f"loc-{svc.name}", svc.group_id, n1.name, "100"))
-    cl.wait(
-        lambda s: s.started_on(svc.vm_id) == n1.name,
-        timeout,
-        f"{svc.vm_id} started on {n1.name}",
-        hopeless=lambda s: own_failures(s, svc),
-    )
-    wait_records(n1, svc, FIRST_RECORDS, 60)
+    start_on_node1(cl, svc, service_group(svc, provider, vm_params=params), timeout)
     label = f"{svc.name} ({provider}, same node, frozen_dump_dir={'set' if dump_dir else 'unset'})"
     before = cl.snapshot(f"{label}: before the failure")
     with libvirtd.Console(n1.path(svc.console)) as con:
@@ -616,16 +630,8 @@ def run_same_node(
     log = n1.path(svc.console_log)
     log.rename(log.with_suffix(".failed"))
 
-    recovery_s = None
-    while time.monotonic() < t0 + timeout:
-        if any(blk == "ok" for node in cl.nodes for _, blk in console_records(node, svc)):
-            recovery_s = time.monotonic() - t0
-            break
-        time.sleep(POLL)
-    recovered_on = None
-    with contextlib.suppress(ClusterError):
-        st = cl.wait(lambda s: s.started_on(svc.vm_id) is not None, 30, f"{svc.vm_id} started")
-        recovered_on = st.started_on(svc.vm_id)
+    served = wait_served(cl, svc, cl.nodes, t0, timeout)
+    recovery_s, recovered_on = served.seconds, served.on
     after = cl.snapshot(f"{label}: after the recovery")
 
     state = domstate(n1, svc.name)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import build, config, guest, netns
-from harness.lifecycle import Started
+from harness.lifecycle import Started, reap_children
 from harness.rig import console_records
 from harness.vm import qemu_tool, system_binary
 
@@ -255,14 +255,7 @@ class _Supervisor:
         self.terminated = True
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.exited[pid] = os.waitstatus_to_exitcode(status)
+        reap_children(self.exited)
 
     def wait_gone(self, pids: Sequence[int], timeout: float) -> bool:
         deadline = time.monotonic() + timeout

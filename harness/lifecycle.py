@@ -24,6 +24,20 @@ def kill_group(proc: subprocess.Popen[Any]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def reap_children(exited: dict[int, int]) -> None:
+    """Collect every child that has exited, without waiting, into `exited`
+    (PID -> exit code as subprocess reports it). For the PID-1 supervisors
+    of a namespace, which must reap whatever is re-parented to them."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        exited[pid] = os.waitstatus_to_exitcode(status)
+
+
 class Started(abc.ABC):
     """A context manager that starts on enter and always closes."""
 

@@ -24,7 +24,9 @@ class Progress:
         self.unit = unit
         self.step = step
         self._next = step
-        self._tty = sys.stderr.isatty()
+        # A test runner's stderr (avocado's StreamToQueue) may have no isatty.
+        isatty = getattr(sys.stderr, "isatty", None)
+        self._tty = bool(isatty and isatty())
         self._start = time.monotonic()
 
     def update(self, done: int, total: int | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,26 @@ def test_one_vanished_test_fails_beside_the_ones_that_ran(
     _, counts, _ = s.stages[-1]
     assert ran == [["qtest-x86_64/frozen-test"]]
     assert (counts.passed, counts.failed) == (1, 1)
+
+
+def test_progress_reports_to_a_stderr_without_isatty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """avocado replaces sys.stderr with a stream that has no isatty: a
+    download's progress inside a functional test must still report."""
+    from harness import progress
+
+    class Stream:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def write(self, s: str) -> int:
+            self.text += s
+            return len(s)
+
+        def flush(self) -> None:
+            pass
+
+    stream = Stream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    p = progress.Progress("download x", 10, unit=" B")
+    p.update(10)
+    assert "download x: 100%" in stream.text
