@@ -30,6 +30,27 @@ from harness.vm import system_binary  # noqa: E402
 DEBIAN_FIRMWARE = (Path("/usr/share/seabios"), Path("/usr/lib/ipxe/qemu"))
 
 
+class CleanupTest(Test):
+    """An avocado Test whose addCleanup callbacks run.
+
+    avocado's Test runs setUp, the test and tearDown itself and never calls
+    unittest's doCleanups: without this, every addCleanup (the processes a
+    test started, their sockets, temporary dirs) is silently dropped. Runs
+    them last-in first-out after the test, each even when one fails; the
+    first failure is raised."""
+
+    def tearDown(self) -> None:
+        errors: list[BaseException] = []
+        while self._cleanups:
+            function, args, kwargs = self._cleanups.pop()
+            try:
+                function(*args, **kwargs)
+            except Exception as e:  # the others still run
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
 def firmware_dirs(prefix: Path) -> list[Path]:
     """Extra -L dirs: none when the prefix carries its firmware, else Debian's
     plus any listed in FROZEN_FIRMWARE_DIRS (colon separated)."""

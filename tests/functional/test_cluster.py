@@ -46,18 +46,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from avocado import Test
-
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from frozen_test import require_prefix  # noqa: E402
+from frozen_test import CleanupTest, require_prefix  # noqa: E402
 
 from harness import cluster, failover  # noqa: E402
 
 
-class ClusterTest(Test):
+class ClusterTest(CleanupTest):
     """Builds, KVM, both agents, a two-node cluster.
 
     :avocado: disable

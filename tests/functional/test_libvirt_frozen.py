@@ -36,13 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avocado import Test
-
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from frozen_test import require_prefix  # noqa: E402
+from frozen_test import CleanupTest, require_prefix  # noqa: E402
 
 from harness import config, guest, libvirtd, linux_guest  # noqa: E402
 from harness.vm import system_binary  # noqa: E402
@@ -171,7 +169,7 @@ def wait_until(what: str, predicate: Callable[[], bool], timeout: float) -> None
         time.sleep(0.1)  # poll interval
 
 
-class LibvirtTest(Test):
+class LibvirtTest(CleanupTest):
     """Shared set-up: the builds, KVM, a private virtqemud, libvirt-python.
 
     :avocado: disable

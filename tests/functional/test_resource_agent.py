@@ -44,13 +44,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from avocado import Test
-
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from frozen_test import require_prefix  # noqa: E402
+from frozen_test import CleanupTest, require_prefix  # noqa: E402
 
 from harness import config, guest, libvirtd, patches  # noqa: E402
 
@@ -130,7 +128,7 @@ class Result:
     output: str
 
 
-class AgentTest(Test):
+class AgentTest(CleanupTest):
     """Shared set-up: builds, KVM, the agent, a private virtqemud.
 
     :avocado: disable
@@ -529,7 +527,7 @@ def make_standin(standin: Path) -> Path:
     return standin
 
 
-class ResourceAgentStandIn(Test):
+class ResourceAgentStandIn(CleanupTest):
     """The agent's frozen paths against a stand-in virsh (no KVM needed).
 
     :avocado: enable
@@ -919,7 +917,7 @@ def ocft_results(output: str) -> dict[str, bool]:
     return results
 
 
-class ResourceAgentOcft(Test):
+class ResourceAgentOcft(CleanupTest):
     """resource-agents' ocft on the patched agent: the project's config
     (tests/ocft/VirtualDomain: the upstream cases plus the frozen paths)
     made with ``ocft make`` and run with ``ocft test``, against the
