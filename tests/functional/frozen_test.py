@@ -149,7 +149,7 @@ def assert_control_red(test: Test, r: verdict.FreezeResult, what: str) -> None:
         test.assertGreater(r.packets_after_freeze, 0, why)
 
 
-class FrozenTest(Test):
+class FrozenTest(CleanupTest):
     """Base class; subclasses set ``prefix_variable``.
 
     :avocado: disable

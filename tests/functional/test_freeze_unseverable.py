@@ -65,6 +65,7 @@ class Unseverable(FrozenTest):
 
     def tearDown(self) -> None:
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+        super().tearDown()
 
     def _vm(self, name: str, extra: list[str]) -> VM:
         return VM(

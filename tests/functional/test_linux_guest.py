@@ -18,8 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from avocado import Test
-from frozen_test import assert_frozen, firmware_dirs, need_network
+from frozen_test import CleanupTest, assert_frozen, firmware_dirs, need_network
 
 from harness import linux_guest, report, scenario
 from harness.rig import RigError
@@ -28,7 +27,7 @@ from harness.vm import VMError, system_binary
 SOAK_S = scenario.SOAK_S
 
 
-class LinuxGuestFreeze(Test):
+class LinuxGuestFreeze(CleanupTest):
     """:avocado: enable"""
 
     timeout = 240
