@@ -9,7 +9,8 @@ all       fetch, apply, build, verify: the packager's proof
 test      the project's test suite (what CI runs)
 export    the series for Debian (DEP-3), RPM (spec snippet) or the list (mail)
 check     the gates: commit shape, checkpatch, syntax-check, Debian tree, bisect,
-          QEMU's own suites stock against frozen
+          QEMU's own suites stock against frozen; on request (--gate revert):
+          each patch's in-tree tests fail with that patch reverted
 """
 
 from __future__ import annotations
@@ -498,8 +499,8 @@ def add_packaging_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--gate",
         action="append",
-        choices=gates.GATES,
-        help="run only this gate (repeatable; default: all)",
+        choices=gates.GATES + gates.OPTIONAL_GATES,
+        help="run only this gate (repeatable; default: all but revert)",
     )
     p.add_argument("--jobs", type=int, help="parallel build jobs for the bisect gate")
     p.add_argument("--junit", type=Path, metavar="FILE", help="also write JUnit XML here")

@@ -194,6 +194,58 @@ def _full_build_result(tree: Tree, patch: Path, options: list[str]) -> GateResul
     )
 
 
+def scratch_checkout(tree: Tree, scratch: Path, commit: str) -> None:
+    """Check `commit` of `tree` out in the clone `scratch` (made once).
+
+    Its build dir stays across checkouts, so each build is incremental.
+    """
+    if not (scratch / ".git").exists():
+        subprocess.run(
+            ["git", "clone", "--quiet", "--shared", str(tree.path), str(scratch)], check=True
+        )
+    sources.write_excludes(scratch, tree.base)
+    for path in tree.base.untracked:  # not in git, so not in the clone
+        if not (scratch / path).exists():
+            shutil.copytree(tree.path / path, scratch / path, symlinks=True)
+    subprocess.run(
+        ["git", "-C", str(scratch), "fetch", "--quiet", str(tree.path), commit], check=True
+    )
+    subprocess.run(
+        ["git", "-C", str(scratch), "checkout", "--quiet", "--force", commit], check=True
+    )
+
+
+def configure_once(
+    tree: Tree, scratch: Path, options: list[str], log: Path, env: dict[str, str]
+) -> None:
+    """Configure `scratch`/build unless it is configured with `options`."""
+    build_dir = scratch / "build"
+    build_dir.mkdir(exist_ok=True)
+    # The results are keyed by the options: configure again when they change.
+    configured = build_dir / "frozen-options.txt"
+    wanted = "\n".join([*options, build.RECIPE_VERSION])
+    if (
+        (build_dir / "build.ninja").exists()
+        and configured.exists()
+        and configured.read_text() == wanted
+    ):
+        return
+    configured.unlink(missing_ok=True)
+    build.run_logged(
+        # libvirt: the install's prefix (never installed to), since it is
+        # compiled in and the same one lets ccache reuse the full build's
+        # objects; QEMU always gets QEMU_PREFIX.
+        build.configure_command(
+            tree.project, scratch, build_dir, build.install_prefix(tree.project, tree.variant)
+        ),
+        log,
+        env,
+        f"configure {scratch.name}",
+        cwd=build_dir,
+    )
+    configured.write_text(wanted)
+
+
 def _build_commit(
     tree: Tree,
     bisect_tree: Path,
@@ -205,52 +257,15 @@ def _build_commit(
 ) -> GateResult:
     """Build (libvirt: and test) one prefix; a build the deadline stops is
     skipped, not failed, and goes on incrementally next time."""
-    if not (bisect_tree / ".git").exists():
-        subprocess.run(
-            ["git", "clone", "--quiet", "--shared", str(tree.path), str(bisect_tree)], check=True
-        )
-    sources.write_excludes(bisect_tree, tree.base)
-    for path in tree.base.untracked:  # not in git, so not in the clone
-        if not (bisect_tree / path).exists():
-            shutil.copytree(tree.path / path, bisect_tree / path, symlinks=True)
-    subprocess.run(
-        ["git", "-C", str(bisect_tree), "fetch", "--quiet", str(tree.path), commit], check=True
-    )
-    subprocess.run(
-        ["git", "-C", str(bisect_tree), "checkout", "--quiet", "--force", commit], check=True
-    )
+    scratch_checkout(tree, bisect_tree, commit)
     build_dir = bisect_tree / "build"
     build_dir.mkdir(exist_ok=True)
     log = build_dir / f"bisect-{patch.stem}.log"
     log.write_text("")
     env = build.build_env(bisect_tree)
     jobs = jobs or 2
-    # The results are keyed by the options: configure again when they change.
-    configured = build_dir / "frozen-options.txt"
-    wanted = "\n".join([*options, build.RECIPE_VERSION])
     try:
-        if (
-            not (build_dir / "build.ninja").exists()
-            or not configured.exists()
-            or configured.read_text() != wanted
-        ):
-            configured.unlink(missing_ok=True)
-            build.run_logged(
-                # libvirt: the install's prefix (never installed to), since
-                # it is compiled in and the same one lets ccache reuse the
-                # full build's objects; QEMU always gets QEMU_PREFIX.
-                build.configure_command(
-                    tree.project,
-                    bisect_tree,
-                    build_dir,
-                    build.install_prefix(tree.project, tree.variant),
-                ),
-                log,
-                env,
-                "bisect configure",
-                cwd=build_dir,
-            )
-            configured.write_text(wanted)
+        configure_once(tree, bisect_tree, options, log, env)
         tool = "make" if tree.project == "qemu" else "ninja"
         build.run_logged(
             [tool, "-C", str(build_dir), f"-j{jobs}"],
@@ -448,6 +463,8 @@ def _judge_syntax_check(test: dict, tree: Path, touched: set[str]) -> GateResult
 
 
 GATES = ("shape", "checkpatch", "syntax-check", "debian-apply", "bisect", "qemu-suites")
+#: gates run only when asked for by name: they build once per patch
+OPTIONAL_GATES = ("revert",)
 
 
 def run_gate(
@@ -471,9 +488,10 @@ def run_gate(
         "syntax-check": project == "libvirt",
         "bisect": bool(files),
         "qemu-suites": project == "qemu",
+        "revert": bool(files),
     }
     if gate not in applies:
-        raise ValueError(f"unknown gate {gate!r} (expected one of {GATES})")
+        raise ValueError(f"unknown gate {gate!r} (expected one of {GATES + OPTIONAL_GATES})")
     if not applies[gate]:
         return []
     if gate == "qemu-suites":
@@ -483,6 +501,10 @@ def run_gate(
         return [checkpatch(tree.path, p) for p in files]
     if gate == "syntax-check":
         return syntax_check(tree.path)
+    if gate == "revert":
+        from harness import revert  # it builds on this module's helpers
+
+        return revert.run(tree, deadline=deadline)
     return bisect(tree, jobs=jobs, deadline=deadline)
 
 
