@@ -33,8 +33,62 @@ from harness.progress import say
 #: per project: patch subject -> the in-tree tests that must fail without it.
 #: A test is "qtest:<binary>:<path>", "iotest:<format>:<name>" or
 #: "meson:<test name>" (libvirt's suite, or QEMU's meson-run tests).
+_Q = "qtest:frozen-test:/x86_64/frozen/"
+_QMP = "qtest:qmp-cmd-test:/x86_64/qmp/"
+
+#: Left out: patches whose revert the rest of the series cannot build
+#: without (the run state, the severing helpers, the freeze command
+#: itself), which every frozen test exercises.
 CASES: dict[str, dict[str, tuple[str, ...]]] = {
-    "qemu": {},
+    "qemu": {
+        "net/colo-compare: tear down only what complete() set up": (
+            _QMP + "object-add-colo-compare-failure",
+        ),
+        "block/io: fail writes to inactive nodes instead of asserting": (
+            "iotest:qcow2:qcow2-internal-snapshots",
+        ),
+        "dump: clean up before the status says the dump is over": (
+            "qtest:dump-test:/x86_64/dump/detached/completed",
+        ),
+        "replay: do not set the error twice when replay-seek fails to load": (
+            "meson:func-x86_64-replay_seek",
+        ),
+        "net/dump: do not close fd 0 when filter-dump was never set up": (
+            _QMP + "object-add-filter-dump-failure",
+        ),
+        "cryptodev: make the cryptodev-backend base type abstract": (
+            _QMP + "object-add-failure-modes",
+        ),
+        "system/runstate: never leave the frozen state": (_Q + "refusals",),
+        "block: refuse new block activity while the VM is frozen": (_Q + "refusals",),
+        "migration: refuse migration and snapshots while the VM is frozen": (_Q + "refusals",),
+        "net: refuse to reconnect a frozen VM to the network": (_Q + "refusals",),
+        "system/qdev-monitor: refuse device_add while the VM is frozen": (_Q + "refusals",),
+        "net/slirp: refuse port forwardings once the VM is frozen": (_Q + "refusals",),
+        "net/colo-compare: stop relaying packets once the VM is frozen": (_Q + "colo-compare",),
+        "system/runstate: add the freeze panic action": (
+            _Q + "action/panic",
+            _Q + "action/panic-set-action",
+        ),
+        "hw/watchdog: add the freeze watchdog action": (
+            _Q + "action/watchdog",
+            _Q + "action/watchdog-set-action",
+        ),
+        "block: add the freeze error action for drives and block jobs": (
+            _Q + "action/werror",
+            _Q + "action/job-io-error",
+            _Q + "action/job-target-error",
+        ),
+        "blockjob: refuse the freeze error policy where there is no VM": (
+            _Q + "qsd-refuses-freeze",
+        ),
+        "system/runstate: report the action a freeze trigger really took": (
+            _Q + "action/panic-migrating",
+            _Q + "action/watchdog-migrating",
+            _Q + "action/werror-migrating",
+            _Q + "action/job-migrating",
+        ),
+    },
     "libvirt": {},
 }
 
