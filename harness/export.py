@@ -293,6 +293,11 @@ WHAT_WHY = {
     "qemu": """\
 This series adds a `frozen` run state to QEMU.
 
+It targets QEMU 12.0: 11.2 is in its freeze, so a new feature posted now
+lands in 12.0, and the `Since:` tags say so. The series is based on
+10.2.2 because that is the release the distribution that carries it
+ships; it is meant to be rebased onto master for merging.
+
 Why: a VM that failed (guest panic, watchdog, I/O error, KVM internal
 error) can today be killed, which loses the memory that explains the
 failure, or paused, which keeps the memory but lets anybody resume it and
