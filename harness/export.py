@@ -307,15 +307,24 @@ harmless to the outside, memory still readable.
 
 The contract of the state:
 - entered by QMP/HMP `freeze`, `-action panic=freeze`,
-  `-action watchdog=freeze`, and the configured error triggers;
-- entering it stops the vCPUs, drains and flushes block I/O, cancels block
-  jobs, stops exports and the NBD server, inactivates every block node
-  (dropping image locks), sets every NIC link down and detaches the network
-  backends, then sets the state and emits FROZEN once;
-- while frozen, every command that could run the guest or write externally
-  is refused with an error naming the state; reads (query-*,
-  dump-guest-memory, pmemsave, memsave) stay allowed, `freeze` is
-  idempotent and `quit` works;
+  `-action watchdog=freeze`, `-action internal-error=freeze`, and
+  werror/rerror or a block job's on-error `freeze`; each trigger's event
+  reports what really happened ("freeze", or "pause"/"stop" where the
+  freeze was refused, e.g. during a migration);
+- entering it: the state is set and the vCPUs stop; the network is
+  severed for good (links down, queued packets dropped without being
+  completed, backends closed); the NBD server and exports are stopped and
+  block jobs cancelled; block I/O is drained and flushed once; every node
+  is inactivated (image locks dropped) and the images of released nodes
+  closed; the block layer then fails every write to any node; FROZEN is
+  emitted once, saying whether every node was released;
+- refused up front: a freeze during an incoming migration, a running
+  migration or snapshot, COLO, record/replay, or with devices whose I/O
+  QEMU cannot sever (vhost-user, vfio, ...);
+- while frozen, every command that could run the guest, reopen or write
+  an image, or reconnect the network is refused with an error naming the
+  state; reads (query-*, dump-guest-memory, pmemsave, memsave, qemu-io
+  reads) stay allowed, `freeze` is idempotent and `quit` works;
 - no command leaves the state: only quitting QEMU ends a frozen VM.
 """,
     "libvirt": """\

@@ -32,7 +32,14 @@ BISECT_BUDGET_S = {"qemu": 5 * 60.0, "libvirt": 3 * 60.0}
 #: reported as not run (skipped).
 SUITES_BUDGET_S = 4 * 60
 #: QEMU's in-tree tests that the series adds (meson test names).
-QEMU_IN_TREE_TESTS = ("qtest-x86_64/frozen-test", "func-x86_64-frozen")
+#: the series' own tests, and the ones its independent fixes add to QEMU's
+QEMU_IN_TREE_TESTS = (
+    "qtest-x86_64/frozen-test",
+    "func-x86_64-frozen",
+    "qtest-x86_64/qmp-cmd-test",
+    "qtest-x86_64/dump-test",
+    "func-x86_64-replay_seek",
+)
 
 
 @dataclass
