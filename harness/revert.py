@@ -210,6 +210,8 @@ def _build(tree: Tree, scratch: Path, tests: list[str], log: Path, deadline: flo
     )
     if tree.project == "qemu":
         bd = scratch / "build"
+        # The option ROMs are made by QEMU's Makefile, not by ninja.
+        build.run_logged(["make", "-C", str(bd / "pc-bios" / "optionrom")], log, env, "option ROMs")
         build.layout_firmware(bd, build.bundle_datadir(bd))
 
 
