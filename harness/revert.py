@@ -59,6 +59,9 @@ CASES: dict[str, dict[str, tuple[str, ...]]] = {
         "cryptodev: make the cryptodev-backend base type abstract": (
             _QMP + "object-add-failure-modes",
         ),
+        "blockdev: do not undo a bitmap enable that found no bitmap": (
+            _QMP + "transaction-bitmap-enable-failure",
+        ),
         "system/runstate: never leave the frozen state": (_Q + "refusals",),
         "block: refuse new block activity while the VM is frozen": (_Q + "refusals",),
         "migration: refuse migration and snapshots while the VM is frozen": (_Q + "refusals",),
