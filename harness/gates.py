@@ -102,6 +102,22 @@ def _bisect_stamp_dir() -> Path:
     return path
 
 
+def series_commits(tree: Tree) -> list[tuple[str, str]]:
+    """(commit, subject) of each patch of the series, in order, one per file."""
+    lines = subprocess.run(
+        ["git", "-C", str(tree.path), "log", "--reverse", "--format=%H%x00%s", "fixups..HEAD"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    if len(lines) != len(tree.patches):
+        raise build.BuildError(
+            f"{tree.path}: {len(lines)} commits for {len(tree.patches)} patches",
+            tree.path / "build.log",
+        )
+    return [(commit, subject) for commit, subject in (ln.split("\0", 1) for ln in lines)]
+
+
 def bisect(
     tree: Tree, *, jobs: int | None = None, deadline: float | None = None
 ) -> list[GateResult]:
@@ -117,17 +133,7 @@ def bisect(
     built ones stay cached, so the next run goes on from there.
     """
     results = []
-    commits = subprocess.run(
-        ["git", "-C", str(tree.path), "rev-list", "--reverse", "fixups..HEAD"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    if len(commits) != len(tree.patches):
-        raise build.BuildError(
-            f"{tree.path}: {len(commits)} commits for {len(tree.patches)} patches",
-            tree.path / "build.log",
-        )
+    commits = [commit for commit, _ in series_commits(tree)]
     options = build.project_options(tree.project)
     bisect_tree = config.cache_root() / "trees" / f"{tree.project}-bisect"
     for index, (commit, patch) in enumerate(zip(commits, tree.patches, strict=True), 1):

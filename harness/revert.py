@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import build, config
-from harness.gates import GateResult, configure_once, scratch_checkout
+from harness.gates import GateResult, configure_once, scratch_checkout, series_commits
 from harness.patches import Tree
 from harness.progress import say
 
@@ -108,26 +108,6 @@ class TestRun:
     test: str
     outcome: str
     line: str
-
-
-def _series(tree: Tree) -> dict[str, tuple[str, str]]:
-    """subject -> (commit, patch file name) of each patch in a work tree."""
-    out = subprocess.run(
-        ["git", "-C", str(tree.path), "log", "--reverse", "--format=%H%x00%s", "fixups..HEAD"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.splitlines()
-    if len(out) != len(tree.patches):
-        raise build.BuildError(
-            f"{tree.path}: {len(out)} commits for {len(tree.patches)} patches",
-            tree.path / "build.log",
-        )
-    series = {}
-    for line, patch in zip(out, tree.patches, strict=True):
-        commit, subject = line.split("\0", 1)
-        series[subject] = (commit, patch.name)
-    return series
 
 
 def _targets(project: str, tests: list[str]) -> list[str]:
@@ -227,14 +207,13 @@ def run(tree: Tree, *, deadline: float | None = None) -> list[GateResult]:
     cases = CASES.get(tree.project, {})
     if not cases:
         return []
-    series = _series(tree)
+    commits = series_commits(tree)
+    series = {
+        subject: (commit, patch.name)
+        for (commit, subject), patch in zip(commits, tree.patches, strict=True)
+    }
     scratch = config.cache_root() / "trees" / f"{tree.project}-revert"
-    head = subprocess.run(
-        ["git", "-C", str(tree.path), "rev-parse", "HEAD"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    head = commits[-1][0]  # the series' last patch is the tree's HEAD
     results: list[GateResult] = []
     missing = [s for s in cases if s not in series]
     for subject in missing:
