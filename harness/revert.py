@@ -114,7 +114,14 @@ def _targets(project: str, tests: list[str]) -> list[str]:
     """The ninja targets the tests need (libvirt: everything)."""
     if project != "qemu":
         return []
-    wanted = ["qemu-system-x86_64", "qemu-img", "qemu-io", "storage-daemon/qemu-storage-daemon"]
+    # the iotests' check also wants qemu-nbd
+    wanted = [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "qemu-io",
+        "qemu-nbd",
+        "storage-daemon/qemu-storage-daemon",
+    ]
     for test in tests:
         kind, _, rest = test.partition(":")
         if kind == "qtest":
