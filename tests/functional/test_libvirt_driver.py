@@ -129,25 +129,30 @@ class LibvirtDriver(LibvirtTest):
         wait_until("the NBD socket", sock.exists, 30)
         return sock
 
+    def _on_failing_nbd(self, probe: libvirtd.ProbeGuest, policy: str) -> str:
+        """The probe's domain XML with its disk on the failing-writes NBD export."""
+        sock = self._nbd_failing_writes(probe.domain.disk)
+        dom_xml = ET.fromstring(probe.domain.xml())
+        devices = dom_xml.find("devices")
+        assert devices is not None
+        old = devices.find("disk")
+        assert old is not None
+        devices.remove(old)
+        disk = ET.fromstring(
+            "<disk type='network' device='disk'>"
+            f"<driver name='qemu' type='raw' {policy}/>"
+            f"<source protocol='nbd' name='disk'><host transport='unix' socket='{sock}'/>"
+            "</source><target dev='vda' bus='virtio'/></disk>"
+        )
+        devices.insert(1, disk)
+        return ET.tostring(dom_xml, encoding="unicode")
+
     def test_mixed_error_policies_pause(self) -> None:
         """error_policy='stop' rerror_policy='freeze': a write error pauses."""
         libvirt = self.libvirt()
         start_event_loop(libvirt)
         with self.guest(start=False) as probe:
-            sock = self._nbd_failing_writes(probe.domain.disk)
-            dom_xml = ET.fromstring(probe.domain.xml())
-            devices = dom_xml.find("devices")
-            assert devices is not None
-            old = devices.find("disk")
-            assert old is not None
-            devices.remove(old)
-            disk = ET.fromstring(
-                "<disk type='network' device='disk'>"
-                "<driver name='qemu' type='raw' error_policy='stop' rerror_policy='freeze'/>"
-                f"<source protocol='nbd' name='disk'><host transport='unix' socket='{sock}'/>"
-                "</source><target dev='vda' bus='virtio'/></disk>"
-            )
-            devices.insert(1, disk)
+            xml = self._on_failing_nbd(probe, "error_policy='stop' rerror_policy='freeze'")
             # listening before the domain starts: its first write fails
             conn = libvirt.open(self.daemon.uri)
             self.addCleanup(conn.close)
@@ -155,7 +160,7 @@ class LibvirtDriver(LibvirtTest):
             conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, events.callback, None
             )
-            self._start(probe, ET.tostring(dom_xml, encoding="unicode"))
+            self._start(probe, xml)
             dom = conn.lookupByName(probe.name)
             paused_ioerror = [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR]
             try:
@@ -176,6 +181,43 @@ class LibvirtDriver(LibvirtTest):
             wait_until(
                 "paused (ioerror) again", lambda: dom.state() == paused_ioerror, STATE_TIMEOUT
             )
+
+    def test_disk_error_freeze_reported(self) -> None:
+        """error_policy='freeze': the io-error event says freeze, then frozen."""
+        libvirt = self.libvirt()
+        start_event_loop(libvirt)
+        with self.guest(start=False) as probe:
+            xml = self._on_failing_nbd(probe, "error_policy='freeze'")
+            conn = libvirt.open(self.daemon.uri)
+            self.addCleanup(conn.close)
+            lifecycle = PyEvents()
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle.callback, None
+            )
+            io_actions: list[int] = []
+
+            def io_error(_c: Any, _d: Any, _src: str, _alias: str, action: int, *_: Any) -> None:
+                io_actions.append(action)
+
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, io_error, None
+            )
+            self._start(probe, xml)
+            dom = conn.lookupByName(probe.name)
+            frozen_ioerror = [libvirt.VIR_DOMAIN_FROZEN, libvirt.VIR_DOMAIN_FROZEN_IOERROR]
+            try:
+                wait_until("frozen (ioerror)", lambda: dom.state() == frozen_ioerror, STATE_TIMEOUT)
+            finally:
+                self.log.info(
+                    "domstate: %s; io-error actions %s", self.domstate(probe.name), io_actions
+                )
+            self.assertEqual(self.domstate(probe.name), "frozen (I/O error)")
+            wait_until("the io-error event", lambda: bool(io_actions), 10)
+            # 3 is VIR_DOMAIN_EVENT_IO_ERROR_FREEZE; a libvirt that does not
+            # know QEMU's 'freeze' action reports 0 (none: "error ignored")
+            self.assertEqual(set(io_actions), {3}, io_actions)
+            frozen = (libvirt.VIR_DOMAIN_EVENT_FROZEN, libvirt.VIR_DOMAIN_EVENT_FROZEN_IOERROR)
+            wait_until("the FROZEN event", lambda: frozen in lifecycle.since(0), 10)
 
     # -- item 4 ------------------------------------------------------------
 
