@@ -442,7 +442,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             results += found
     for r in results:
         mark = "skip" if r.skipped else "ok  " if r.ok else "FAIL"
-        print(f"{mark} {r.gate:13s} {r.patch}" + (f"\n     {r.detail}" if not r.ok else ""))
+        # the revert gate's detail is its evidence (each test's failing line)
+        shown = r.detail and (not r.ok or r.gate == "revert")
+        print(f"{mark} {r.gate:13s} {r.patch}" + (f"\n     {r.detail}" if shown else ""))
     if args.junit:
         suite.write_junit(args.junit, "check", results)
     return 0 if all(r.ok for r in results) else 1

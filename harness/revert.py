@@ -1,17 +1,24 @@
 """The revert gate: each patch's in-tree tests fail with that patch reverted.
 
 A test that passes with or without the change it is said to cover proves
-nothing.  For every patch named in CASES the full series is checked out
-in a scratch clone, that one patch is reverted on top (`git revert
---no-commit`), and the tests named for it are built and run: each must
-fail.  The same tests first run once on the full series, where each must
-pass (a skip is not a pass), or a failure without the patch would mean
-nothing.
+nothing.  For every patch named in CASES the tests named for it are built
+and run in a scratch clone with the patch reverted (`git revert
+--no-commit`): each must fail.  Where depends on the case:
+
+* ``at="own"``: an independent fix that carries its own test.  At the fix
+  itself the test must pass; then the fix's code is reverted and its test
+  files kept, and the test must fail.  That is the negative control a
+  stable maintainer takes the fix on, and it does not depend on what the
+  later patches do to the same paths.
+* ``at="tip"``: a patch whose tests come later in the series (the qtest).
+  The tests run once on the full series, where each must pass (a skip is
+  not a pass); then the patch is reverted on top.  Where later patches
+  change its lines, they are reverted with it, newest first, and named in
+  the result: the tests then show that the patch and what was built on it
+  are covered.  A revert that still conflicts fails the gate with the
+  conflicting files.
 
 Patches are named by subject, so renumbering the series keeps the table.
-A patch that cannot be reverted on top (later patches build on its lines)
-is reported as a failure of this gate with the conflicting files: it
-shows nothing, and saying so is the point.
 
 Run it with `frozen check --project qemu --gate revert`; it is not part
 of the default gates, since it builds once per patch.
@@ -36,56 +43,99 @@ from harness.progress import say
 _Q = "qtest:frozen-test:/x86_64/frozen/"
 _QMP = "qtest:qmp-cmd-test:/x86_64/qmp/"
 
-#: Left out: patches whose revert the rest of the series cannot build
-#: without (the run state, the severing helpers, the freeze command
-#: itself), which every frozen test exercises.
-CASES: dict[str, dict[str, tuple[str, ...]]] = {
+
+@dataclass(frozen=True)
+class Case:
+    """The tests that must fail without a patch, and where it is reverted."""
+
+    tests: tuple[str, ...]
+    #: "own": at the patch, its code reverted and its test files kept;
+    #: "at": the same, with the series' test patches as at its tip;
+    #: "tip": reverted on top of the whole series
+    at: str = "tip"
+
+
+def _own(*tests: str) -> Case:
+    return Case(tests, "own")
+
+
+def _at(*tests: str) -> Case:
+    return Case(tests, "at")
+
+
+def _tip(*tests: str) -> Case:
+    return Case(tests, "tip")
+
+
+#: Left out: the run state and the severing helpers, which nothing uses
+#: before the freeze command (its case covers them), and the tests that
+#: guard what must not change (action/job-stop, action/werror-stop: a
+#: 'stop' policy still stops), which pass with or without any patch.
+CASES: dict[str, dict[str, Case]] = {
     "qemu": {
-        "net/colo-compare: tear down only what complete() set up": (
+        "net/colo-compare: tear down only what complete() set up": _own(
             _QMP + "object-add-colo-compare-failure",
         ),
-        "block/io: fail writes to inactive nodes instead of asserting": (
+        "block/io: fail writes to inactive nodes instead of asserting": _own(
             "iotest:qcow2:qcow2-internal-snapshots",
         ),
-        "dump: clean up before the status says the dump is over": (
+        "dump: clean up before the status says the dump is over": _own(
             "qtest:dump-test:/x86_64/dump/detached/completed",
         ),
-        "replay: do not set the error twice when replay-seek fails to load": (
+        "replay: do not set the error twice when replay-seek fails to load": _own(
             "meson:func-x86_64-replay_seek",
         ),
-        "net/dump: do not close fd 0 when filter-dump was never set up": (
+        "net/dump: do not close fd 0 when filter-dump was never set up": _own(
             _QMP + "object-add-filter-dump-failure",
         ),
-        "cryptodev: make the cryptodev-backend base type abstract": (
+        "cryptodev: make the cryptodev-backend base type abstract": _own(
             _QMP + "object-add-failure-modes",
         ),
-        "blockdev: do not undo a bitmap enable that found no bitmap": (
+        "blockdev: do not undo a bitmap enable that found no bitmap": _own(
             _QMP + "transaction-bitmap-enable-failure",
         ),
-        "system/runstate: never leave the frozen state": (_Q + "refusals",),
-        "block: refuse new block activity while the VM is frozen": (_Q + "refusals",),
-        "migration: refuse migration and snapshots while the VM is frozen": (_Q + "refusals",),
-        "net: refuse to reconnect a frozen VM to the network": (_Q + "refusals",),
-        "system/qdev-monitor: refuse device_add while the VM is frozen": (_Q + "refusals",),
-        "net/slirp: refuse port forwardings once the VM is frozen": (_Q + "refusals",),
-        "net/colo-compare: stop relaying packets once the VM is frozen": (_Q + "colo-compare",),
-        "system/runstate: add the freeze panic action": (
+        "system/runstate: never leave the frozen state": _tip(
+            _Q + "refusals",
+            _Q + "guest-requests",
+        ),
+        "block: refuse new block activity while the VM is frozen": _tip(_Q + "refusals"),
+        "migration: refuse migration and snapshots while the VM is frozen": _tip(_Q + "refusals"),
+        "net: refuse to reconnect a frozen VM to the network": _tip(_Q + "refusals"),
+        "system/qdev-monitor: refuse device_add while the VM is frozen": _tip(_Q + "refusals"),
+        "net/slirp: refuse port forwardings once the VM is frozen": _tip(_Q + "refusals"),
+        "net/colo-compare: stop relaying packets once the VM is frozen": _tip(_Q + "colo-compare"),
+        "system/runstate: add the freeze command and the FROZEN event": _at(
+            _Q + "freeze/running",
+            _Q + "freeze/prelaunch",
+            _Q + "freeze/paused",
+            _Q + "freeze/guest-panicked",
+            _Q + "freeze/inmigrate",
+            _Q + "reads",
+            _Q + "job-cancelled",
+            _Q + "unreleased",
+            _Q + "image/raw",
+            _Q + "image/qcow2",
+        ),
+        "system/runstate: add the freeze panic action": _at(
             _Q + "action/panic",
             _Q + "action/panic-set-action",
         ),
-        "hw/watchdog: add the freeze watchdog action": (
+        "hw/watchdog: add the freeze watchdog action": _at(
             _Q + "action/watchdog",
             _Q + "action/watchdog-set-action",
         ),
-        "block: add the freeze error action for drives and block jobs": (
+        "system/runstate: add an internal-error action that can freeze": _at(
+            _Q + "action/internal-error",
+        ),
+        "block: add the freeze error action for drives and block jobs": _at(
             _Q + "action/werror",
             _Q + "action/job-io-error",
             _Q + "action/job-target-error",
         ),
-        "blockjob: refuse the freeze error policy where there is no VM": (
+        "blockjob: refuse the freeze error policy where there is no VM": _tip(
             _Q + "qsd-refuses-freeze",
         ),
-        "system/runstate: report the action a freeze trigger really took": (
+        "system/runstate: report the action a freeze trigger really took": _tip(
             _Q + "action/panic-migrating",
             _Q + "action/watchdog-migrating",
             _Q + "action/werror-migrating",
@@ -209,96 +259,212 @@ def _describe(runs: list[TestRun]) -> str:
     return "; ".join(f"{r.test}: {r.outcome}" + (f" ({r.line})" if r.line else "") for r in runs)
 
 
+def _git(scratch: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(scratch), *args], capture_output=True, text=True)
+
+
+def _files(scratch: Path, commit: str) -> set[str]:
+    out = _git(scratch, "diff-tree", "--no-commit-id", "--name-only", "-r", commit).stdout
+    return set(out.split())
+
+
+def _is_test_file(path: str) -> bool:
+    return path.startswith("tests/")
+
+
+def _is_test_patch(files: set[str]) -> bool:
+    """A patch that adds tests only (its MAINTAINERS entry aside)."""
+    return bool(files) and all(_is_test_file(f) or f == "MAINTAINERS" for f in files)
+
+
+@dataclass(frozen=True)
+class Reverted:
+    """A revert made in the scratch clone, or why it could not be made."""
+
+    ok: bool
+    #: how: "git revert", or its hunks placed without context lines
+    how: str = "git revert"
+    conflicts: tuple[str, ...] = ()
+    error: str = ""
+
+
+def _revert_on_tip(scratch: Path, head: str, commit: str) -> Reverted:
+    """Revert `commit` on `head`.
+
+    Where a later patch added lines right next to the patch's (git revert
+    then conflicts on mere adjacency), its hunks are reversed without
+    context lines: each hunk's own lines must still match exactly.  Any
+    other conflict is reported, not resolved.
+    """
+    _git(scratch, "checkout", "--quiet", "--force", head)
+    proc = _git(scratch, "revert", "--no-commit", commit)
+    if proc.returncode == 0:
+        return Reverted(True)
+    conflicts = tuple(_git(scratch, "diff", "--name-only", "--diff-filter=U").stdout.split())
+    _git(scratch, "revert", "--abort")
+    _git(scratch, "reset", "--quiet", "--hard", head)
+    diff = _git(scratch, "show", "--format=", "--binary", commit).stdout
+    applied = subprocess.run(
+        ["git", "-C", str(scratch), "apply", "-R", "-C0", "--index"],
+        input=diff,
+        capture_output=True,
+        text=True,
+    )
+    if applied.returncode == 0:
+        return Reverted(True, "its hunks reversed without context")
+    _git(scratch, "reset", "--quiet", "--hard", head)
+    return Reverted(False, conflicts=conflicts, error=proc.stderr.strip()[-200:])
+
+
+def _revert_own_code(scratch: Path, commit: str) -> Reverted:
+    """At `commit` (and the test files put there), revert its code, keep its tests."""
+    proc = _git(scratch, "revert", "--no-commit", commit)
+    if proc.returncode != 0:
+        conflicts = tuple(_git(scratch, "diff", "--name-only", "--diff-filter=U").stdout.split())
+        return Reverted(False, conflicts=conflicts, error=proc.stderr.strip()[-200:])
+    kept = sorted(f for f in _files(scratch, commit) if _is_test_file(f))
+    if kept:
+        _git(scratch, "reset", "--quiet", "HEAD", "--", *kept)
+        _git(scratch, "checkout", "--quiet", commit, "--", *kept)
+    return Reverted(True)
+
+
+def _place(
+    scratch: Path, commit: str, head: str, tests_from_tip: list[str], *, revert_it: bool
+) -> Reverted:
+    """`commit` checked out, its code reverted if asked, the tip's tests put in."""
+    _git(scratch, "checkout", "--quiet", "--force", commit)
+    _git(scratch, "reset", "--quiet", "--hard", commit)
+    done = _revert_own_code(scratch, commit) if revert_it else Reverted(True)
+    if done.ok and tests_from_tip:
+        _git(scratch, "checkout", "--quiet", head, "--", *tests_from_tip)
+    return done
+
+
 def run(tree: Tree, *, deadline: float | None = None) -> list[GateResult]:
     """The revert gate on a prepared work tree of the full series."""
     cases = CASES.get(tree.project, {})
     if not cases:
         return []
     commits = series_commits(tree)
-    series = {
-        subject: (commit, patch.name)
-        for (commit, subject), patch in zip(commits, tree.patches, strict=True)
-    }
+    labels = [patch.name for patch in tree.patches]
+    index = {subject: i for i, (_commit, subject) in enumerate(commits)}
     scratch = config.cache_root() / "trees" / f"{tree.project}-revert"
     head = commits[-1][0]  # the series' last patch is the tree's HEAD
     results: list[GateResult] = []
-    missing = [s for s in cases if s not in series]
-    for subject in missing:
-        results.append(GateResult("revert", subject, False, "no patch with this subject"))
-    all_tests = sorted({t for s, ts in cases.items() if s in series for t in ts})
-
-    # The tests pass on the full series, or their failures below say nothing.
-    scratch_checkout(tree, scratch, head)
-    log = scratch / "build" / "revert-series.log"
-    log.parent.mkdir(exist_ok=True)
-    log.write_text("")
-    say(f"revert {tree.project}: building the full series")
-    try:
-        _build(tree, scratch, all_tests, log, deadline)
-    except build.BuildError as exc:
-        return [*results, GateResult("revert", "full series", False, str(exc))]
+    for subject in cases:
+        if subject not in index:
+            results.append(GateResult("revert", subject, False, "no patch with this subject"))
     env = build.build_env(scratch)
-    base_runs = [run_test(scratch / "build", t, env) for t in all_tests]
-    not_passing = {r.test for r in base_runs if r.outcome != "pass"}
-    results.append(
-        GateResult(
-            "revert",
-            "full series",
-            not not_passing,
-            _describe(base_runs) if not_passing else f"{len(base_runs)} tests pass",
-        )
-    )
-    for subject, tests in cases.items():
-        if subject not in series:
-            continue
-        commit, label = series[subject]
+
+    def out_of_time(label: str) -> bool:
         if deadline is not None and time.monotonic() > deadline:
             results.append(
                 GateResult("revert", label, True, "not run: the time budget ran out", skipped=True)
             )
-            continue
-        scratch_checkout(tree, scratch, head)
-        proc = subprocess.run(
-            ["git", "-C", str(scratch), "revert", "--no-commit", commit],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            conflicts = subprocess.run(
-                ["git", "-C", str(scratch), "diff", "--name-only", "--diff-filter=U"],
-                capture_output=True,
-                text=True,
-            ).stdout.split()
-            subprocess.run(["git", "-C", str(scratch), "reset", "--quiet", "--hard"], check=False)
-            results.append(
-                GateResult(
-                    "revert",
-                    label,
-                    False,
-                    "cannot be reverted on top of the series (conflicts in "
-                    f"{', '.join(conflicts) or proc.stderr.strip()[-200:]})",
-                )
-            )
-            continue
-        log = scratch / "build" / f"revert-{label.removesuffix('.patch')}.log"
+            return True
+        return False
+
+    def build_and_run(label: str, tag: str, tests: tuple[str, ...]) -> list[TestRun] | None:
+        log = scratch / "build" / f"revert-{tag}.log"
+        log.parent.mkdir(exist_ok=True)
         log.write_text("")
-        say(f"revert {tree.project}: without {label}: building, then {len(tests)} test(s)")
         try:
             _build(tree, scratch, list(tests), log, deadline)
         except build.BuildStopped:
             results.append(
                 GateResult("revert", label, True, "not run: the time budget ran out", skipped=True)
             )
-            continue
+            return None
         except build.BuildError as exc:
             results.append(
+                GateResult("revert", label, False, f"{tag}: does not build: {exc}"[:600])
+            )
+            return None
+        return [run_test(scratch / "build", t, env) for t in tests]
+
+    def baseline() -> set[str] | None:
+        """The tip cases' tests pass on the full series, or their failures
+        without a patch say nothing: the tests that do not pass."""
+        tip_tests = tuple(
+            sorted({t for s, c in cases.items() if s in index and c.at == "tip" for t in c.tests})
+        )
+        scratch_checkout(tree, scratch, head)
+        say(f"revert {tree.project}: building the full series")
+        base_runs = build_and_run("full series", "series", tip_tests)
+        if base_runs is None:
+            return None
+        failing = {r.test for r in base_runs if r.outcome != "pass"}
+        detail = _describe(base_runs) if failing else f"{len(base_runs)} tests pass"
+        results.append(GateResult("revert", "full series", not failing, detail))
+        return failing
+
+    # The fixes at their own patches first, near the base, then the series'
+    # tip once: each switch between the two rebuilds most of the tree.
+    ordered = sorted(cases.items(), key=lambda item: item[1].at == "tip")
+    not_passing: set[str] | None = None
+    for subject, case in ordered:
+        if subject not in index:
+            continue
+        if case.at == "tip" and not_passing is None:
+            not_passing = baseline()
+            if not_passing is None:
+                return results
+        i = index[subject]
+        commit, label = commits[i][0], labels[i]
+        tag = label.removesuffix(".patch")
+        if out_of_time(label):
+            continue
+        scratch_checkout(tree, scratch, head)
+        if case.at in ("own", "at"):
+            # "at": the series' test patches, as at its tip
+            tests_from_tip = (
+                sorted(
+                    f
+                    for c, _s in commits[i + 1 :]
+                    if _is_test_patch(files := _files(scratch, c))
+                    for f in files
+                    if _is_test_file(f)
+                )
+                if case.at == "at"
+                else []
+            )
+            # with the patch, at the patch: its tests pass
+            _place(scratch, commit, head, tests_from_tip, revert_it=False)
+            say(f"revert {tree.project}: at {label}: building, then {len(case.tests)} test(s)")
+            with_it = build_and_run(label, f"{tag}-with", case.tests)
+            if with_it is None:
+                continue
+            if any(r.outcome != "pass" for r in with_it):
+                results.append(GateResult("revert", label, False, "with it: " + _describe(with_it)))
+                continue
+            reverted = _place(scratch, commit, head, tests_from_tip, revert_it=True)
+            where = "its code reverted at the patch, its tests kept"
+            if tests_from_tip:
+                where += ", the series' tests from its tip"
+        else:
+            reverted = _revert_on_tip(scratch, head, commit)
+            where = "reverted on the series"
+            if reverted.how != "git revert":
+                where += f" ({reverted.how})"
+        if not reverted.ok:
+            results.append(
                 GateResult(
-                    "revert", label, False, f"the tree does not build without it: {exc}"[:600]
+                    "revert",
+                    label,
+                    False,
+                    f"cannot be reverted ({where}; conflicts in "
+                    f"{', '.join(reverted.conflicts) or reverted.error})",
                 )
             )
             continue
-        runs = [run_test(scratch / "build", t, env) for t in tests]
-        ok = all(r.outcome == "fail" for r in runs) and not (set(tests) & not_passing)
-        results.append(GateResult("revert", label, ok, _describe(runs)))
+        say(f"revert {tree.project}: without {label}: building, then {len(case.tests)} test(s)")
+        runs = build_and_run(label, f"{tag}-without", case.tests)
+        if runs is None:
+            continue
+        ok = all(r.outcome == "fail" for r in runs) and not (
+            set(case.tests) & (not_passing or set())
+        )
+        results.append(GateResult("revert", label, ok, f"{where}: {_describe(runs)}"))
     scratch_checkout(tree, scratch, head)
     return results

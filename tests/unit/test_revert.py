@@ -33,15 +33,33 @@ def _series(tmp_path: Path, upstream: Path) -> patches.Tree:
         git(work, "commit", "-q", "-a", "-s", "-m", f"{subject}\n\nWhy.")
 
     runstate = work / "runstate.c"
-    commit("block: fix it", lambda: runstate.write_text(runstate.read_text() + "int fixed;\n"))
+    note = work / "tests" / "fix-note.txt"
+
+    def fix() -> None:
+        runstate.write_text(runstate.read_text() + "int fixed;\n")
+        note.parent.mkdir(exist_ok=True)
+        note.write_text("the fix's own test file\n")
+        git(work, "add", str(note))
+
+    def change_line() -> None:
+        runstate.write_text(runstate.read_text().replace("int base;", "long base;"))
+        note.write_text("a test that changes with it\n")
+
+    net = work / "net.c"
+
+    def net_file() -> None:
+        net.write_text("int a;\n")
+        git(work, "add", "net.c")
+
+    commit("block: fix it", fix)
     commit("qapi: add a line", lambda: runstate.write_text("int base;\n" + runstate.read_text()))
-    commit(
-        "qapi: change the line",
-        lambda: runstate.write_text(runstate.read_text().replace("int base;", "long base;")),
-    )
+    commit("qapi: change the line", change_line)
     (work / "other.c").write_text("int other;\n")
     git(work, "add", "other.c")
     commit("monitor: unrelated", lambda: None)
+    commit("net: add the file", net_file)
+    commit("net: add a line", lambda: net.write_text(net.read_text() + "int net;\n"))
+    commit("net: add the next line", lambda: net.write_text(net.read_text() + "int next;\n"))
     series_dir = tmp_path / "series"
     names = [
         Path(p).name
@@ -69,20 +87,27 @@ def test_revert_gate_judges_each_patch(
         revert.CASES,
         "qemu",
         {
-            "block: fix it": (test,),
-            "monitor: unrelated": (test,),
-            "qapi: add a line": (test,),
-            "net: not in the series": (test,),
+            "block: fix it": revert.Case((test,), "own"),
+            "monitor: unrelated": revert.Case((test,)),
+            "qapi: add a line": revert.Case((test,)),
+            "net: add a line": revert.Case((test,)),
+            "net: not in the series": revert.Case((test,)),
         },
     )
     results = {r.patch: r for r in revert.run(tree)}
     assert results["full series"].ok, results["full series"].detail
+    # At the fix, with its code reverted and its test file kept, it fails.
     fix = results["0001-block-fix-it.patch"]
-    assert fix.ok and "fail (ERROR:frozen-test.c:1:test_x: assertion failed)" in fix.detail
+    assert fix.ok, fix.detail
+    assert "its code reverted at the patch, its tests kept" in fix.detail
+    assert "fail (ERROR:frozen-test.c:1:test_x: assertion failed)" in fix.detail
     # Still passing without it: the test does not cover the patch.
     unrelated = results["0004-monitor-unrelated.patch"]
     assert not unrelated.ok and f"{test}: pass" in unrelated.detail
-    # A later patch rewrote its line: nothing can be shown, and that fails.
+    # A later patch added lines next to it: its hunks are reversed alone.
+    net = results["0006-net-add-a-line.patch"]
+    assert "reverted on the series (its hunks reversed without context)" in net.detail
+    # A later patch changed its lines: nothing can be shown, and that fails.
     conflict = results["0002-qapi-add-a-line.patch"]
     assert not conflict.ok and "conflicts in runstate.c" in conflict.detail
     assert not results["net: not in the series"].ok
