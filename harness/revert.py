@@ -68,9 +68,11 @@ def _tip(*tests: str) -> Case:
 
 
 #: Left out: the run state and the severing helpers, which nothing uses
-#: before the freeze command (its case covers them), and the tests that
-#: guard what must not change (action/job-stop, action/werror-stop: a
-#: 'stop' policy still stops), which pass with or without any patch.
+#: before the freeze command (its case covers them); the internal-error
+#: action in accel/mshv and vfio/pci, which needs an MSHV host or a VFIO
+#: device; the test and docs patches; and the tests that guard what must
+#: not change (action/job-stop, action/werror-stop: a 'stop' policy still
+#: stops), which pass with or without any patch.
 CASES: dict[str, dict[str, Case]] = {
     "qemu": {
         "net/colo-compare: tear down only what complete() set up": _own(
@@ -100,6 +102,7 @@ CASES: dict[str, dict[str, Case]] = {
         ),
         "block: refuse new block activity while the VM is frozen": _tip(_Q + "refusals"),
         "migration: refuse migration and snapshots while the VM is frozen": _tip(_Q + "refusals"),
+        "net: report the errors of HMP announce_self": _tip(_Q + "refusals"),
         "net: refuse to reconnect a frozen VM to the network": _tip(_Q + "refusals"),
         "system/qdev-monitor: refuse device_add while the VM is frozen": _tip(_Q + "refusals"),
         "net/slirp: refuse port forwardings once the VM is frozen": _tip(_Q + "refusals"),
@@ -110,11 +113,14 @@ CASES: dict[str, dict[str, Case]] = {
             _Q + "freeze/paused",
             _Q + "freeze/guest-panicked",
             _Q + "freeze/inmigrate",
+            _Q + "freeze/migrating",
             _Q + "reads",
             _Q + "job-cancelled",
+            _Q + "exports-closed",
             _Q + "unreleased",
             _Q + "image/raw",
             _Q + "image/qcow2",
+            "meson:func-x86_64-frozen",
         ),
         "system/runstate: add the freeze panic action": _at(
             _Q + "action/panic",
@@ -134,6 +140,9 @@ CASES: dict[str, dict[str, Case]] = {
         ),
         "blockjob: refuse the freeze error policy where there is no VM": _tip(
             _Q + "qsd-refuses-freeze",
+        ),
+        "system/runstate: refuse freeze actions with devices QEMU cannot sever": _tip(
+            _Q + "unseverable",
         ),
         "system/runstate: report the action a freeze trigger really took": _tip(
             _Q + "action/panic-migrating",
