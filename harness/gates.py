@@ -23,6 +23,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,8 +229,11 @@ def configure_once(
     build_dir = scratch / "build"
     build_dir.mkdir(exist_ok=True)
     # The results are keyed by the options: configure again when they change.
+    # And when another venv runs the gate: the build dir's regeneration
+    # runs the meson of the venv that configured it, which may be gone
+    # (a clean clone's, removed with it).
     configured = build_dir / "frozen-options.txt"
-    wanted = "\n".join([*options, build.RECIPE_VERSION])
+    wanted = "\n".join([*options, build.RECIPE_VERSION, sys.prefix])
     if (
         (build_dir / "build.ninja").exists()
         and configured.exists()

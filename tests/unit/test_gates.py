@@ -153,3 +153,28 @@ def test_bisect_meson_test_names_the_failing_tests(tmp_path: Path) -> None:
     assert not result.ok
     assert "libvirt:t1" in result.detail and "libvirt:t2" in result.detail
     assert "libvirt:t0" not in result.detail.split("failing:")[1]
+
+
+def test_scratch_build_reconfigured_for_another_venv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scratch build dir configured by another venv (a removed clean
+    clone's) regenerates with that venv's meson: configure it again."""
+    runs: list[list[str]] = []
+
+    def fake_run(cmd: list[str], *args: object, **kwargs: object) -> float:
+        runs.append(cmd)
+        (tmp_path / "build" / "build.ninja").write_text("")
+        return 0.0
+
+    monkeypatch.setattr(build, "run_logged", fake_run)
+    monkeypatch.setattr(build, "configure_command", lambda *a: ["configure"])
+    monkeypatch.setattr(build, "install_prefix", lambda *a: tmp_path / "prefix")
+    tree = type("T", (), {"project": "qemu", "variant": "frozen"})()
+    log = tmp_path / "log"
+    gates.configure_once(tree, tmp_path, ["-Dx"], log, {})  # type: ignore[arg-type]
+    gates.configure_once(tree, tmp_path, ["-Dx"], log, {})  # type: ignore[arg-type]
+    assert len(runs) == 1
+    monkeypatch.setattr(gates.sys, "prefix", "/gone/clone/.venv")
+    gates.configure_once(tree, tmp_path, ["-Dx"], log, {})  # type: ignore[arg-type]
+    assert len(runs) == 2
