@@ -529,6 +529,8 @@ def qemu_suites_gate(
     out = []
     for c in results:
         detail = f"{c.verdict}: stock {c.stock.result}, frozen {c.frozen.result}"
+        if c.reruns:
+            detail += f"; {c.reruns}"
         if c.verdict == "not run":
             detail += (
                 "; the time budget ran out: "

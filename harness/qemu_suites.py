@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,13 +132,15 @@ class Comparison:
     test: SuiteTest
     stock: SideResult
     frozen: SideResult
-    #: pass, pre-existing, fixed, new, regression, vanished, changed,
-    #: skipped or not run
+    #: pass, pre-existing, fixed, new, regression, flaky, unconfirmed,
+    #: vanished, changed, skipped or not run
     verdict: str
+    #: how a failure's reruns went, e.g. "frozen failed 1 of 3, stock 0 of 3"
+    reruns: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.verdict in ("pass", "pre-existing", "fixed", "new")
+        return self.verdict in ("pass", "pre-existing", "fixed", "new", "flaky", "unconfirmed")
 
     @property
     def skipped(self) -> bool:
@@ -169,6 +172,47 @@ def judge(stock: SideResult, frozen: SideResult) -> str:
 
 def compare(test: SuiteTest, stock: SideResult, frozen: SideResult) -> Comparison:
     return Comparison(test, stock, frozen, judge(stock, frozen))
+
+
+#: how often a regression is run again, both sides side by side, before
+#: it counts: some iotests race under load (058's qemu-nbd socket,
+#: iothreads-create), on stock as much as with the series
+RERUNS = 2
+
+
+def confirm(
+    first: Comparison,
+    rerun: Callable[[], tuple[SideResult, SideResult]],
+    *,
+    out_of_time: Callable[[], bool] = lambda: False,
+) -> Comparison:
+    """A regression again, or what its reruns show instead.
+
+    `rerun` runs both sides once more and returns (stock, frozen).  A test
+    that stock also fails in a rerun is "flaky", not the series' doing.
+    One that fails with the series once more is a regression.  One whose
+    single failure no rerun repeats, stock passing every time, is
+    "unconfirmed": reported with its counts, not failing the gate.
+    """
+    fails = {"stock": 0, "frozen": 1}
+    runs = 1
+    for _ in range(RERUNS):
+        if out_of_time():
+            break
+        stock, frozen = rerun()
+        if "not run" in (stock.result, frozen.result):
+            break
+        runs += 1
+        fails["stock"] += stock.result != "pass"
+        fails["frozen"] += frozen.result != "pass"
+    counts = f"frozen failed {fails['frozen']} of {runs}, stock {fails['stock']} of {runs}"
+    if fails["stock"]:
+        verdict = "flaky"
+    elif fails["frozen"] > 1 or runs == 1:
+        verdict = "regression"
+    else:
+        verdict = "unconfirmed"
+    return Comparison(first.test, first.stock, first.frozen, verdict, counts)
 
 
 def parse_tap(text: str) -> dict[str, str]:
@@ -540,12 +584,24 @@ def run(
             if "stock" in futures and stock_r.result != "not run":
                 _remember(stock, test, stock_r)
             verdict = compare(test, stock_r, frozen_r)
+            if verdict.verdict == "regression" and stock_r.result == "pass" and futures:
+
+                def rerun(test: SuiteTest = test) -> tuple[SideResult, SideResult]:
+                    left = float("inf") if deadline is None else deadline - time.monotonic()
+                    both = [pool.submit(run_one, i, test, max(1.0, left)) for i in (stock, frozen)]
+                    return both[0].result(), both[1].result()
+
+                verdict = confirm(
+                    verdict,
+                    rerun,
+                    out_of_time=lambda: deadline is not None and time.monotonic() > deadline,
+                )
             # A failure that stock shares is pre-existing and kept; one
-            # that is the series' doing always runs again.
+            # that is the series' doing (or may be) always runs again.
             if (
                 "frozen" in futures
                 and frozen_r.result != "not run"
-                and (frozen_r.result != "fail" or verdict.ok)
+                and (frozen_r.result != "fail" or verdict.verdict == "pre-existing")
             ):
                 _remember(frozen, test, frozen_r)
             out.append(verdict)
@@ -586,6 +642,7 @@ def report(results: list[Comparison]) -> str:
             continue
         lines.append(
             f"  {c.verdict:12} {c.test.label}: stock {c.stock.result}, frozen {c.frozen.result}"
+            + (f" ({c.reruns})" if c.reruns else "")
         )
     return "\n".join(lines)
 

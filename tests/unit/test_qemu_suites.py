@@ -127,11 +127,15 @@ def test_run_caches_and_reruns_frozen_failures(
     stock, frozen = _install(tmp_path, "stock"), _install(tmp_path, "frozen")
     first = qemu_suites.run(stock, frozen)
     assert [c.verdict for c in first] == ["pass", "regression", "pre-existing"]
-    assert len(ran) == 6
+    # each side once, and the regression's two reruns on both sides
+    assert len(ran) == 6 + 2 * qemu_suites.RERUNS
+    assert first[1].reruns == "frozen failed 3 of 3, stock 0 of 3"
     ran.clear()
     second = qemu_suites.run(stock, frozen)
-    # only the regression runs again; a failure stock shares is kept
-    assert ran == [("frozen", "002")]
+    # only the regression runs again (and is rerun); a failure stock shares is kept
+    assert sorted(ran) == sorted(
+        [("frozen", "002")] + [("stock", "002"), ("frozen", "002")] * qemu_suites.RERUNS
+    )
     assert [c.verdict for c in second] == ["pass", "regression", "pre-existing"]
     assert second[0].stock.cached and second[0].frozen.cached
 
@@ -242,3 +246,47 @@ def test_plan_orders_and_tells_the_sides_apart(
     ]
     assert SuiteTest("qtest-x86_64", "frozen-test") not in p.stock
     assert SuiteTest("qtest-x86_64", "old-test") not in p.frozen
+
+
+def _regression() -> qemu_suites.Comparison:
+    test = qemu_suites.SuiteTest("iotests-qcow2", "058")
+    stock, frozen = qemu_suites.SideResult("pass"), qemu_suites.SideResult("fail", "diff")
+    first = qemu_suites.compare(test, stock, frozen)
+    assert first.verdict == "regression"
+    return first
+
+
+def _reruns(*pairs: tuple[str, str]):  # type: ignore[no-untyped-def]
+    queue = list(pairs)
+
+    def rerun() -> tuple[qemu_suites.SideResult, qemu_suites.SideResult]:
+        stock, frozen = queue.pop(0)
+        return qemu_suites.SideResult(stock), qemu_suites.SideResult(frozen)
+
+    return rerun
+
+
+@pytest.mark.parametrize(
+    ("pairs", "verdict", "counts"),
+    [
+        # stock fails too once run again: the test races, not the series
+        ((("fail", "pass"), ("pass", "pass")), "flaky", "frozen failed 1 of 3, stock 1 of 3"),
+        # the series fails it again: a regression
+        ((("pass", "fail"), ("pass", "pass")), "regression", "frozen failed 2 of 3, stock 0 of 3"),
+        # one failure that no rerun repeats: reported, counted
+        ((("pass", "pass"), ("pass", "pass")), "unconfirmed", "frozen failed 1 of 3, stock 0 of 3"),
+    ],
+)
+def test_a_regression_is_run_again_before_it_counts(
+    pairs: tuple[tuple[str, str], ...], verdict: str, counts: str
+) -> None:
+    result = qemu_suites.confirm(_regression(), _reruns(*pairs))
+    assert (result.verdict, result.reruns) == (verdict, counts)
+    assert result.ok == (verdict != "regression")
+    assert result.frozen.detail == "diff"  # the first failure stays shown
+
+
+def test_a_regression_without_time_to_rerun_stays_one() -> None:
+    result = qemu_suites.confirm(_regression(), _reruns(), out_of_time=lambda: True)
+    assert (result.verdict, result.reruns) == ("regression", "frozen failed 1 of 1, stock 0 of 1")
+    assert not result.ok
