@@ -435,9 +435,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         for gate in args.gate or gates.GATES:
             start = time.monotonic()
             found = gates.run_gate(project, gate, local=_local(args, project), jobs=args.jobs)
+            # a skip is named as one, never counted among the passes
+            passed = sum(r.ok and not r.skipped for r in found)
+            skipped = sum(r.skipped for r in found)
             say(
-                f"{project}: gate {gate}: {sum(r.ok for r in found)}/{len(found)} passed "
-                f"({time.monotonic() - start:.0f} s)"
+                f"{project}: gate {gate}: {passed}/{len(found)} passed"
+                + (f", {skipped} skipped" if skipped else "")
+                + f" ({time.monotonic() - start:.0f} s)"
             )
             results += found
     for r in results:
