@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import config, libvirtd, netns
-from harness.lifecycle import Started, reap_children
+from harness.lifecycle import Started, children, reap_children
 from harness.progress import say
 
 CLUSTER_NAME = "frozen"
@@ -543,7 +543,7 @@ class Cluster(Started):
         if not line.startswith("ready"):
             raise ClusterError(f"{node.name}: {line}; see {node.log}")
         # unshare's only child is the node's init (PID 1 inside).
-        kids = libvirtd._children(node._proc.pid)
+        kids = children(node._proc.pid)
         if len(kids) != 1:
             raise ClusterError(f"{node.name}: expected one init under unshare, found {kids}")
         node.init_pid = kids[0]

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import build, config, guest, netns
-from harness.lifecycle import Started, reap_children
+from harness.lifecycle import Started, children, reap_children
 from harness.rig import console_records
 from harness.vm import qemu_tool, system_binary
 
@@ -214,21 +214,6 @@ class RunDir:
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def _children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (orphans adopted by a subreaper included)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            stat = (entry / "stat").read_text()
-            # pid (comm) state ppid ...: comm may hold spaces and parentheses.
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                found.append(int(entry.name))
-    return found
-
-
 class _Supervisor:
     """Reaps every child, starts and stops virtqemud on commands from stdin.
 
@@ -301,7 +286,7 @@ class _Supervisor:
     def quit(self) -> None:
         self.stop()
         # QEMU processes libvirt left behind were adopted by us.
-        self.end(_children(os.getpid()))
+        self.end(children(os.getpid()))
 
     def serve(self) -> None:
         stdin = sys.stdin.fileno()
@@ -520,7 +505,7 @@ class Virtqemud(Started):
             sup.wait(timeout=4 * self.stop_timeout)
         except subprocess.TimeoutExpired:
             # Its children go first: once it is gone they are nobody's.
-            for pid in [*_children(sup.pid), sup.pid]:
+            for pid in [*children(sup.pid), sup.pid]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             sup.wait()

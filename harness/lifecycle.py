@@ -17,21 +17,31 @@ import subprocess
 from typing import Any, Self
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid`, from /proc's parent links."""
-    children: dict[int, list[int]] = {}
+def _children_of() -> dict[int, list[int]]:
+    """Each PID's children, from /proc's parent links."""
+    links: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
+        with contextlib.suppress(OSError, ValueError, IndexError):  # gone meanwhile
             with open(f"/proc/{entry}/stat") as f:
+                # pid (comm) state ppid ...: comm may hold spaces and parentheses.
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-        children.setdefault(ppid, []).append(int(entry))
+            links.setdefault(ppid, []).append(int(entry))
+    return links
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is `pid` (orphans adopted by a subreaper included)."""
+    return _children_of().get(pid, [])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`."""
+    links = _children_of()
     found, todo = [], [pid]
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in links.get(todo.pop(), []):
             found.append(child)
             todo.append(child)
     return found

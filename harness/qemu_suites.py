@@ -194,8 +194,7 @@ def confirm(
     single failure no rerun repeats, stock passing every time, is
     "unconfirmed": reported with its counts, not failing the gate.
     """
-    fails = {"stock": 0, "frozen": 1}
-    runs = 1
+    stock_fails, frozen_fails, runs = 0, 1, 1
     for _ in range(RERUNS):
         if out_of_time():
             break
@@ -203,12 +202,12 @@ def confirm(
         if "not run" in (stock.result, frozen.result):
             break
         runs += 1
-        fails["stock"] += stock.result != "pass"
-        fails["frozen"] += frozen.result != "pass"
-    counts = f"frozen failed {fails['frozen']} of {runs}, stock {fails['stock']} of {runs}"
-    if fails["stock"]:
+        stock_fails += stock.result != "pass"
+        frozen_fails += frozen.result != "pass"
+    counts = f"frozen failed {frozen_fails} of {runs}, stock {stock_fails} of {runs}"
+    if stock_fails:
         verdict = "flaky"
-    elif fails["frozen"] > 1 or runs == 1:
+    elif frozen_fails > 1 or runs == 1:
         verdict = "regression"
     else:
         verdict = "unconfirmed"
@@ -558,22 +557,24 @@ def run(
     )
     progress = Progress("qemu-suites", len(tests), unit=" tests", step=5)
     out: list[Comparison] = []
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
+    def limit() -> float:
+        return float("inf") if deadline is None else max(1.0, deadline - time.monotonic())
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         for done, test in enumerate(tests, 1):
             sides = {
                 "stock": _cached(stock, test) if test in planned.stock else ABSENT,
                 "frozen": _cached(frozen, test) if test in planned.frozen else ABSENT,
             }
-            if (
-                any(r is None for r in sides.values())
-                and deadline is not None
-                and time.monotonic() > deadline
-            ):
+            if any(r is None for r in sides.values()) and out_of_time():
                 out.append(compare(test, sides["stock"] or NOT_RUN, sides["frozen"] or NOT_RUN))
                 continue
-            limit = float("inf") if deadline is None else max(1.0, deadline - time.monotonic())
             futures = {
-                name: pool.submit(run_one, inst, test, limit)
+                name: pool.submit(run_one, inst, test, limit())
                 for name, inst in (("stock", stock), ("frozen", frozen))
                 if sides[name] is None
             }
@@ -587,15 +588,10 @@ def run(
             if verdict.verdict == "regression" and stock_r.result == "pass" and futures:
 
                 def rerun(test: SuiteTest = test) -> tuple[SideResult, SideResult]:
-                    left = float("inf") if deadline is None else deadline - time.monotonic()
-                    both = [pool.submit(run_one, i, test, max(1.0, left)) for i in (stock, frozen)]
+                    both = [pool.submit(run_one, i, test, limit()) for i in (stock, frozen)]
                     return both[0].result(), both[1].result()
 
-                verdict = confirm(
-                    verdict,
-                    rerun,
-                    out_of_time=lambda: deadline is not None and time.monotonic() > deadline,
-                )
+                verdict = confirm(verdict, rerun, out_of_time=out_of_time)
             # A failure that stock shares is pre-existing and kept; one
             # that is the series' doing (or may be) always runs again.
             if (
