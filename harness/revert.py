@@ -39,7 +39,8 @@ from harness.progress import say
 
 #: per project: patch subject -> the in-tree tests that must fail without it.
 #: A test is "qtest:<binary>:<path>", "iotest:<format>:<name>" or
-#: "meson:<test name>" (libvirt's suite, or QEMU's meson-run tests).
+#: "meson:<test name>[:<unittest -k pattern>]" (libvirt's suite, or QEMU's
+#: meson-run tests; the pattern picks tests of a functional test file).
 _Q = "qtest:frozen-test:/x86_64/frozen/"
 _QMP = "qtest:qmp-cmd-test:/x86_64/qmp/"
 
@@ -162,7 +163,8 @@ _FAIL_LINE = re.compile(r"^(Bail out!|ERROR[: ]|not ok |\*\*|FAIL|--- |\+\+\+ |T
 
 @dataclass(frozen=True)
 class TestRun:
-    """One run of one test: "pass", "fail" or "skip", and the line that says so."""
+    """One run of one test: "pass", "fail", "skip" or "none" (it ran no
+    test: a test id that names nothing), and the line that says so."""
 
     test: str
     outcome: str
@@ -196,6 +198,14 @@ def _first_failure(output: str) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
+#: per test kind: what its output shows when at least one test ran
+_RAN = {
+    "qtest": r"^ok \d+ ",  # TAP
+    "iotest": r"^Passed all [1-9]\d* iotests",
+    "meson": r"^Ok:\s+[1-9]",
+}
+
+
 def run_test(build_dir: Path, test: str, env: dict[str, str]) -> TestRun:
     """Run one test id in a built tree's build dir."""
     kind, _, rest = test.partition(":")
@@ -216,7 +226,12 @@ def run_test(build_dir: Path, test: str, env: dict[str, str]) -> TestRun:
         cmd = ["./check", f"-{fmt}", name]
         cwd = build_dir / "tests" / "qemu-iotests"
     elif kind == "meson":
-        cmd = ["meson", "test", "-C", str(build_dir), "--no-rebuild", "--print-errorlogs", rest]
+        name, _, only = rest.partition(":")
+        cmd = ["meson", "test", "-C", str(build_dir), "--no-rebuild", "--print-errorlogs"]
+        if only:
+            # a functional test file's one test: unittest's -k pattern
+            cmd.append(f"--test-args=-k {only}")
+        cmd.append(name)
         cwd = build_dir
     else:
         raise ValueError(f"unknown test kind in {test!r}")
@@ -244,6 +259,10 @@ def run_test(build_dir: Path, test: str, env: dict[str, str]) -> TestRun:
     if skipped:
         skip = next((ln for ln in output.splitlines() if "SKIP" in ln or "Not run" in ln), "")
         return TestRun(test, "skip", skip.strip()[:300])
+    if not re.search(_RAN[kind], output, re.M):
+        # GLib's -p, ./check and meson test all exit 0 for a name that
+        # matches nothing: that must not read as a pass.
+        return TestRun(test, "none", "no test ran")
     return TestRun(test, "pass", "")
 
 

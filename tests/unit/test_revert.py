@@ -121,3 +121,34 @@ def test_a_skip_is_neither_a_pass_nor_a_failure(tmp_path: Path) -> None:
     qtest.chmod(0o755)
     run = revert.run_test(build_dir, "qtest:t:/x86_64/x", {"PATH": "/usr/bin:/bin"})
     assert run.outcome == "skip" and "no colo-compare" in run.line
+
+
+def test_a_test_id_that_names_nothing_is_not_a_pass(tmp_path: Path) -> None:
+    # GLib's -p with an unknown path runs nothing and exits 0
+    build_dir = tmp_path / "build"
+    qtest = build_dir / "tests" / "qtest" / "t"
+    qtest.parent.mkdir(parents=True)
+    qtest.write_text("#!/bin/sh\necho '# Start of x86_64 tests'; echo '1..0'\n")
+    qtest.chmod(0o755)
+    run = revert.run_test(build_dir, "qtest:t:/x86_64/gone", {"PATH": "/usr/bin:/bin"})
+    assert (run.outcome, run.line) == ("none", "no test ran")
+
+
+def test_a_functional_test_id_picks_one_test(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    meson = bin_dir / "meson"
+    # a stand-in meson test that runs a test only when asked for it by -k
+    meson.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *"--test-args=-k FrozenTest.test_freeze_kvm func-x86_64-frozen")\n'
+        '    echo "Ok:                 1";;\n'
+        '*) echo "Ok:                 0";;\n'
+        "esac\n"
+    )
+    meson.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    one = revert.run_test(tmp_path, "meson:func-x86_64-frozen:FrozenTest.test_freeze_kvm", env)
+    assert one.outcome == "pass"
+    other = revert.run_test(tmp_path, "meson:func-x86_64-frozen:FrozenTest.gone", env)
+    assert (other.outcome, other.line) == ("none", "no test ran")
