@@ -69,11 +69,11 @@ def _tip(*tests: str) -> Case:
 
 
 #: Left out: the run state and the severing helpers, which nothing uses
-#: before the freeze command (its case covers them); the internal-error
-#: action in accel/mshv and vfio/pci, which needs an MSHV host or a VFIO
-#: device; the test and docs patches; and the tests that guard what must
+#: before the freeze command (its case covers them); the test and docs
+#: patches; and the tests that guard what must
 #: not change (action/job-stop, action/werror-stop: a 'stop' policy still
-#: stops), which pass with or without any patch.
+#: stops; the KVM internal-error test with the default action), which
+#: pass with or without any patch.
 CASES: dict[str, dict[str, Case]] = {
     "qemu": {
         "net/colo-compare: tear down only what complete() set up": _own(
@@ -121,23 +121,28 @@ CASES: dict[str, dict[str, Case]] = {
             _Q + "unreleased",
             _Q + "image/raw",
             _Q + "image/qcow2",
-            "meson:func-x86_64-frozen",
+            "meson:func-x86_64-frozen:FrozenTest.test_freeze_kvm",
         ),
         "system/runstate: add the freeze panic action": _at(
             _Q + "action/panic",
             _Q + "action/panic-set-action",
+            _Q + "action/panic-migrating",
         ),
         "hw/watchdog: add the freeze watchdog action": _at(
             _Q + "action/watchdog",
             _Q + "action/watchdog-set-action",
+            _Q + "action/watchdog-migrating",
         ),
         "system/runstate: add an internal-error action that can freeze": _at(
             _Q + "action/internal-error",
+            "meson:func-x86_64-frozen:FrozenTest.test_internal_error_freeze_kvm",
         ),
         "block: add the freeze error action for drives and block jobs": _at(
             _Q + "action/werror",
             _Q + "action/job-io-error",
             _Q + "action/job-target-error",
+            _Q + "action/werror-migrating",
+            _Q + "action/job-migrating",
         ),
         "blockjob: refuse the freeze error policy where there is no VM": _tip(
             _Q + "qsd-refuses-freeze",
@@ -145,15 +150,10 @@ CASES: dict[str, dict[str, Case]] = {
         "system/runstate: refuse freeze actions with devices QEMU cannot sever": _tip(
             _Q + "unseverable",
         ),
-        "system/runstate: report the action a freeze trigger really took": _tip(
-            _Q + "action/panic-migrating",
-            _Q + "action/watchdog-migrating",
-            _Q + "action/werror-migrating",
-            _Q + "action/job-migrating",
-        ),
     },
     "libvirt": {},
 }
+
 
 #: one test run's limit: a hung test is a failure to show anything
 TEST_TIMEOUT_S = 600
