@@ -18,6 +18,13 @@ and run in a scratch clone with the patch reverted (`git revert
   are covered.  A revert that still conflicts fails the gate with the
   conflicting files.
 
+A patch that only adds a helper, which nothing calls before a later
+patch, cannot be reverted alone (the tree would not build).  For those,
+MUTATIONS undoes the helper's effect at the series' tip with one exact
+edit (a flag never set, a loop that skips its work), and the tests named
+for the edit must fail.  An edit whose text is not in the file exactly
+once fails the gate: the table must follow the code.
+
 Patches are named by subject, so renumbering the series keeps the table.
 
 Run it with `frozen check --project qemu --gate revert`; it is not part
@@ -69,8 +76,8 @@ def _tip(*tests: str) -> Case:
 
 
 #: Left out: the run state and the severing helpers, which nothing uses
-#: before the freeze command (its case covers them); the test and docs
-#: patches; and the tests that guard what must
+#: before the freeze command (its case covers them, and MUTATIONS each
+#: helper); the test and docs patches; and the tests that guard what must
 #: not change (action/job-stop, action/werror-stop: a 'stop' policy still
 #: stops; the KVM internal-error test with the default action), which
 #: pass with or without any patch.
@@ -153,6 +160,114 @@ CASES: dict[str, dict[str, Case]] = {
     },
     "libvirt": {},
 }
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One exact edit at the series' tip that undoes what a helper does."""
+
+    #: what the edit does, for the report
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+#: per project: subject of a patch that adds helpers -> its mutations
+MUTATIONS: dict[str, dict[str, tuple[Mutation, ...]]] = {
+    "qemu": {
+        "net: add net_sever_all() to cut off every network client": (
+            Mutation(
+                "net_sever_all() returns at once",
+                "net/net.c",
+                "    /* From here on, nothing is sent or delivered, whatever the link state */\n",
+                "    return;\n"
+                "    /* From here on, nothing is sent or delivered, whatever the link state */\n",
+                (_Q + "packets", _Q + "colo-compare", _Q + "refusals"),
+            ),
+        ),
+        "block: add bdrv_inactivate_all_nodes() that tries every node": (
+            Mutation(
+                "bdrv_inactivate_all_nodes() inactivates no node",
+                "block.c",
+                "        ret = bdrv_inactivate_recurse(bs, true);\n"
+                "        if (ret < 0) {\n"
+                "            trace_bdrv_inactivate_all_nodes_fail(",
+                "        ret = 0;\n"
+                "        if (ret < 0) {\n"
+                "            trace_bdrv_inactivate_all_nodes_fail(",
+                (_Q + "image/raw", _Q + "image/qcow2", _Q + "freeze/running", _Q + "action/werror"),
+            ),
+        ),
+        "block: add bdrv_sever_all() to fail every write for good": (
+            Mutation(
+                "bdrv_sever_all() severs nothing",
+                "block.c",
+                "    qatomic_set(&bdrv_severed, true);\n",
+                "    qatomic_set(&bdrv_severed, false);\n",
+                (_Q + "refusals", _Q + "unreleased", _Q + "image/raw", _Q + "image/qcow2"),
+            ),
+        ),
+        "block: add helpers that close the images of inactive nodes": (
+            Mutation(
+                "blk_remove_all_inactive_bs() removes no medium",
+                "block/block-backend.c",
+                "        if (inactive) {\n            blk_remove_bs(blk);\n",
+                "        if (inactive && false) {\n            blk_remove_bs(blk);\n",
+                (_Q + "image/raw", _Q + "image/qcow2", _Q + "refusals"),
+            ),
+            Mutation(
+                "blockdev_close_inactive_bdrv_states() closes no node",
+                "blockdev.c",
+                "        if (inactive) {\n"
+                "            QTAILQ_REMOVE(&monitor_bdrv_states, bs, monitor_list);\n",
+                "        if (inactive && false) {\n"
+                "            QTAILQ_REMOVE(&monitor_bdrv_states, bs, monitor_list);\n",
+                (_Q + "image/raw", _Q + "image/qcow2", _Q + "job-cancelled"),
+            ),
+        ),
+        "net: keep the network severed for good and close the backends": (
+            Mutation(
+                "no backend closed",
+                "net/net.c",
+                "            nc->info->type != NET_CLIENT_DRIVER_HUBPORT) {\n"
+                "            qemu_cleanup_net_client(nc, false);\n",
+                "            nc->info->type != NET_CLIENT_DRIVER_HUBPORT && false) {\n"
+                "            qemu_cleanup_net_client(nc, false);\n",
+                (_Q + "packets",),
+            ),
+            Mutation(
+                "the network not kept severed",
+                "net/net.c",
+                "    net_severed = true;\n",
+                "    net_severed = false;\n",
+                (_Q + "refusals", _Q + "colo-compare"),
+            ),
+        ),
+        "block: add bdrv_hold_image_locks() to release no lock until told": (
+            Mutation(
+                "image locks never held",
+                "block.c",
+                "    qatomic_set(&bdrv_locks_held, hold);\n",
+                "    qatomic_set(&bdrv_locks_held, false);\n",
+                (_Q + "lock-waiter",),
+            ),
+        ),
+    },
+    "libvirt": {},
+}
+
+
+def _mutate(scratch: Path, mutation: Mutation) -> str:
+    """Make the edit in the scratch clone; an error message if it cannot."""
+    path = scratch / mutation.path
+    text = path.read_text() if path.exists() else ""
+    count = text.count(mutation.old)
+    if count != 1:
+        return f"{mutation.path} has the text to edit {count} times, not once"
+    path.write_text(text.replace(mutation.old, mutation.new))
+    return ""
 
 
 #: one test run's limit: a hung test is a failure to show anything
@@ -372,7 +487,8 @@ def _place(
 def run(tree: Tree, *, deadline: float | None = None) -> list[GateResult]:
     """The revert gate on a prepared work tree of the full series."""
     cases = CASES.get(tree.project, {})
-    if not cases:
+    mutations = MUTATIONS.get(tree.project, {})
+    if not cases and not mutations:
         return []
     commits = series_commits(tree)
     labels = [patch.name for patch in tree.patches]
@@ -380,7 +496,7 @@ def run(tree: Tree, *, deadline: float | None = None) -> list[GateResult]:
     scratch = config.cache_root() / "trees" / f"{tree.project}-revert"
     head = commits[-1][0]  # the series' last patch is the tree's HEAD
     results: list[GateResult] = []
-    for subject in cases:
+    for subject in [*cases, *mutations]:
         if subject not in index:
             results.append(GateResult("revert", subject, False, "no patch with this subject"))
     env = build.build_env(scratch)
@@ -415,7 +531,10 @@ def run(tree: Tree, *, deadline: float | None = None) -> list[GateResult]:
         """The tip cases' tests pass on the full series, or their failures
         without a patch say nothing: the tests that do not pass."""
         tip_tests = tuple(
-            sorted({t for s, c in cases.items() if s in index and c.at == "tip" for t in c.tests})
+            sorted(
+                {t for s, c in cases.items() if s in index and c.at == "tip" for t in c.tests}
+                | {t for s, ms in mutations.items() if s in index for m in ms for t in m.tests}
+            )
         )
         scratch_checkout(tree, scratch, head)
         say(f"revert {tree.project}: building the full series")
@@ -494,5 +613,32 @@ def run(tree: Tree, *, deadline: float | None = None) -> list[GateResult]:
             set(case.tests) & (not_passing or set())
         )
         results.append(GateResult("revert", label, ok, f"{where}: {_describe(runs)}"))
+
+    for subject, muts in mutations.items():
+        if subject not in index:
+            continue
+        if not_passing is None:
+            not_passing = baseline()
+            if not_passing is None:
+                return results
+        label = labels[index[subject]]
+        for mutation in muts:
+            name = f"{label} ({mutation.what})"
+            if out_of_time(name):
+                continue
+            scratch_checkout(tree, scratch, head)
+            _git(scratch, "reset", "--quiet", "--hard", head)
+            error = _mutate(scratch, mutation)
+            if error:
+                results.append(GateResult("revert", name, False, f"mutation: {error}"))
+                continue
+            say(f"revert {tree.project}: {name}: building, then {len(mutation.tests)} test(s)")
+            tag = f"{label.removesuffix('.patch')}-mutated-{muts.index(mutation)}"
+            runs = build_and_run(name, tag, mutation.tests)
+            if runs is None:
+                continue
+            ok = all(r.outcome == "fail" for r in runs) and not (set(mutation.tests) & not_passing)
+            results.append(GateResult("revert", name, ok, f"mutated at the tip: {_describe(runs)}"))
     scratch_checkout(tree, scratch, head)
+    _git(scratch, "reset", "--quiet", "--hard", head)
     return results

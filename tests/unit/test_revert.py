@@ -152,3 +152,40 @@ def test_a_functional_test_id_picks_one_test(tmp_path: Path) -> None:
     assert one.outcome == "pass"
     other = revert.run_test(tmp_path, "meson:func-x86_64-frozen:FrozenTest.gone", env)
     assert (other.outcome, other.line) == ("none", "no test ran")
+
+
+def test_a_mutation_must_make_its_tests_fail(
+    tmp_path: Path, upstream: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = _series(tmp_path, upstream)
+    test = "qtest:frozen-test:/x86_64/x"
+    monkeypatch.setattr(revert, "_build", _fake_build)
+    monkeypatch.setitem(revert.CASES, "qemu", {})
+
+    def mutation(what: str, old: str, new: str) -> revert.Mutation:
+        return revert.Mutation(what, "runstate.c", old, new, (test,))
+
+    monkeypatch.setitem(
+        revert.MUTATIONS,
+        "qemu",
+        {
+            "block: fix it": (
+                mutation("the fix undone", "int fixed;\n", "int broken;\n"),
+                mutation("a harmless edit", "long base;\n", "long base; \n"),
+                mutation("text that is gone", "int base;\n", "int x;\n"),
+            ),
+            "net: not in the series": (mutation("x", "a", "b"),),
+        },
+    )
+    results = {r.patch: r for r in revert.run(tree)}
+    assert results["full series"].ok, results["full series"].detail
+    undone = results["0001-block-fix-it.patch (the fix undone)"]
+    assert undone.ok and "mutated at the tip" in undone.detail, undone.detail
+    harmless = results["0001-block-fix-it.patch (a harmless edit)"]
+    assert not harmless.ok and f"{test}: pass" in harmless.detail
+    gone = results["0001-block-fix-it.patch (text that is gone)"]
+    assert not gone.ok and "runstate.c has the text to edit 0 times" in gone.detail
+    assert not results["net: not in the series"].ok
+    # the scratch clone is left at the tip, unedited
+    scratch = revert.config.cache_root() / "trees" / "qemu-revert"
+    assert "int fixed;" in (scratch / "runstate.c").read_text()
