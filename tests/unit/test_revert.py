@@ -77,12 +77,19 @@ def _fake_build(tree, scratch: Path, tests, log, deadline) -> None:
     qtest.chmod(0o755)
 
 
-def test_revert_gate_judges_each_patch(
-    tmp_path: Path, upstream: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tree = _series(tmp_path, upstream)
-    test = "qtest:frozen-test:/x86_64/x"
+#: the stand-in qtest's one test
+TEST = "qtest:frozen-test:/x86_64/x"
+
+
+@pytest.fixture
+def tree(tmp_path: Path, upstream: Path, monkeypatch: pytest.MonkeyPatch) -> patches.Tree:
+    """The series' work tree, with builds that only put the qtest in place."""
     monkeypatch.setattr(revert, "_build", _fake_build)
+    return _series(tmp_path, upstream)
+
+
+def test_revert_gate_judges_each_patch(tree: patches.Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    test = TEST
     monkeypatch.setitem(
         revert.CASES,
         "qemu",
@@ -113,24 +120,24 @@ def test_revert_gate_judges_each_patch(
     assert not results["net: not in the series"].ok
 
 
-def test_a_skip_is_neither_a_pass_nor_a_failure(tmp_path: Path) -> None:
+def _run_qtest(tmp_path: Path, script: str, path: str) -> revert.TestRun:
+    """Run a stand-in qtest binary "t" that is the given shell script."""
     build_dir = tmp_path / "build"
     qtest = build_dir / "tests" / "qtest" / "t"
     qtest.parent.mkdir(parents=True)
-    qtest.write_text("#!/bin/sh\necho 'ok 1 /x86_64/x # SKIP no colo-compare'\n")
+    qtest.write_text("#!/bin/sh\n" + script)
     qtest.chmod(0o755)
-    run = revert.run_test(build_dir, "qtest:t:/x86_64/x", {"PATH": "/usr/bin:/bin"})
+    return revert.run_test(build_dir, f"qtest:t:{path}", {"PATH": "/usr/bin:/bin"})
+
+
+def test_a_skip_is_neither_a_pass_nor_a_failure(tmp_path: Path) -> None:
+    run = _run_qtest(tmp_path, "echo 'ok 1 /x86_64/x # SKIP no colo-compare'\n", "/x86_64/x")
     assert run.outcome == "skip" and "no colo-compare" in run.line
 
 
 def test_a_test_id_that_names_nothing_is_not_a_pass(tmp_path: Path) -> None:
     # GLib's -p with an unknown path runs nothing and exits 0
-    build_dir = tmp_path / "build"
-    qtest = build_dir / "tests" / "qtest" / "t"
-    qtest.parent.mkdir(parents=True)
-    qtest.write_text("#!/bin/sh\necho '# Start of x86_64 tests'; echo '1..0'\n")
-    qtest.chmod(0o755)
-    run = revert.run_test(build_dir, "qtest:t:/x86_64/gone", {"PATH": "/usr/bin:/bin"})
+    run = _run_qtest(tmp_path, "echo '# Start of x86_64 tests'; echo '1..0'\n", "/x86_64/gone")
     assert (run.outcome, run.line) == ("none", "no test ran")
 
 
@@ -155,11 +162,9 @@ def test_a_functional_test_id_picks_one_test(tmp_path: Path) -> None:
 
 
 def test_a_mutation_must_make_its_tests_fail(
-    tmp_path: Path, upstream: Path, monkeypatch: pytest.MonkeyPatch
+    tree: patches.Tree, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tree = _series(tmp_path, upstream)
-    test = "qtest:frozen-test:/x86_64/x"
-    monkeypatch.setattr(revert, "_build", _fake_build)
+    test = TEST
     monkeypatch.setitem(revert.CASES, "qemu", {})
 
     def mutation(what: str, old: str, new: str) -> revert.Mutation:
