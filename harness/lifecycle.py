@@ -14,6 +14,8 @@ import contextlib
 import os
 import signal
 import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 
@@ -67,6 +69,46 @@ def kill_group(proc: subprocess.Popen[Any]) -> None:
                 os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What a test process printed and how it ended (returncode None: timed out)."""
+
+    returncode: int | None
+    stdout: str
+    stderr: str
+
+
+def run_group(cmd: list[str], *, cwd: Path | None, env: dict[str, str], timeout: float) -> Finished:
+    """Run `cmd` in its own process group and end the whole group after it.
+
+    iotests and qtests start QEMU, qemu-storage-daemon and shells of their
+    own: on a timeout, or when the gate itself is interrupted, every one of
+    them is killed by the group's ID instead of being left running.
+    """
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return Finished(proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        return Finished(None, out, err)
+    finally:
+        # whatever the test left behind goes with its group, also on an interrupt
+        kill_group(proc)
+        if proc.returncode is None:
+            proc.communicate()
 
 
 def reap_children(exited: dict[int, int]) -> None:

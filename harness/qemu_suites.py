@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import build, config
-from harness.lifecycle import kill_group
+from harness.lifecycle import run_group
 from harness.progress import Progress, say
 
 #: Bump when how a test is run or judged changes.
@@ -245,46 +245,6 @@ def meson_result(result: str) -> str:
 
 def _iotests_dirs(install: build.Install) -> tuple[Path, Path]:
     return install.tree / "tests" / "qemu-iotests", install.build_dir / "tests" / "qemu-iotests"
-
-
-@dataclass(frozen=True)
-class Finished:
-    """What a test process printed and how it ended (returncode None: timed out)."""
-
-    returncode: int | None
-    stdout: str
-    stderr: str
-
-
-def run_group(cmd: list[str], *, cwd: Path | None, env: dict[str, str], timeout: float) -> Finished:
-    """Run `cmd` in its own process group and end the whole group after it.
-
-    iotests and qtests start QEMU, qemu-storage-daemon and shells of their
-    own: on a timeout, or when the gate itself is interrupted, every one of
-    them is killed by the group's ID instead of being left running.
-    """
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        return Finished(proc.returncode, out, err)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        out, err = proc.communicate()
-        return Finished(None, out, err)
-    finally:
-        # whatever the test left behind goes with its group, also on an interrupt
-        kill_group(proc)
-        if proc.returncode is None:
-            proc.communicate()
 
 
 def _budget_stop(limit: float, seconds: float) -> SideResult:

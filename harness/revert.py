@@ -41,6 +41,7 @@ from pathlib import Path
 
 from harness import build, config
 from harness.gates import GateResult, configure_once, scratch_checkout, series_commits
+from harness.lifecycle import run_group
 from harness.patches import Tree
 from harness.progress import say
 
@@ -350,18 +351,10 @@ def run_test(build_dir: Path, test: str, env: dict[str, str]) -> TestRun:
         cwd = build_dir
     else:
         raise ValueError(f"unknown test kind in {test!r}")
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=TEST_TIMEOUT_S,
-            start_new_session=True,
-        )
-    except subprocess.TimeoutExpired:
+    # its own group: what the test starts (QEMU, meson's test sessions)
+    # ends with it, on a timeout too
+    proc = run_group(cmd, cwd=cwd, env=env, timeout=TEST_TIMEOUT_S)
+    if proc.returncode is None:
         return TestRun(test, "fail", f"timed out after {TEST_TIMEOUT_S} s")
     output = proc.stdout + proc.stderr
     skipped = (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,21 @@ def test_a_mutation_must_make_its_tests_fail(
     # the scratch clone is left at the tip, unedited
     scratch = revert.config.cache_root() / "trees" / "qemu-revert"
     assert "int fixed;" in (scratch / "runstate.c").read_text()
+
+
+def test_a_hung_test_fails_and_is_ended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(revert, "TEST_TIMEOUT_S", 0.5)
+    pidfile = tmp_path / "sleep.pid"
+    run = _run_qtest(tmp_path, f"sleep 60 & echo $! > {pidfile}; wait\n", "/x86_64/x")
+    assert (run.outcome, run.line) == ("fail", "timed out after 0.5 s")
+    # the test's own child went with its group: gone or a zombie within a
+    # few seconds (a SIGKILLed task shows R until it has run its exit)
+    stat = Path(f"/proc/{pidfile.read_text().strip()}/stat")
+    deadline = time.monotonic() + 5.0
+    while stat.exists() and time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.05)
+    else:
+        assert not stat.exists(), f"{stat.parent.name} still runs"
