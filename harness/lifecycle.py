@@ -56,15 +56,21 @@ def kill_group(proc: subprocess.Popen[Any]) -> None:
     A descendant in a group or session of its own (meson test puts each
     test in one) is killed too: first, while `proc` still links to it.
     """
+    # A process may fork while we kill; after three rounds what is left
+    # was started faster than SIGKILL lands, which no round would catch.
     for _ in range(3):
         below = _descendants(proc.pid)
         if not below:
             break
+        groups = set()
         for pid in below:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                group = os.getpgid(pid)
-                if group != os.getpgrp():  # never the harness's own group
-                    os.killpg(group, signal.SIGKILL)
+                groups.add(os.getpgid(pid))
+        groups.discard(os.getpgrp())  # never the harness's own group
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        for pid in below:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError, PermissionError):
